@@ -1,0 +1,33 @@
+"""FP8 training settings (the ``[fp8]`` section of a recipe).
+
+Defaults follow DeepSeek-V3: E4M3 everywhere, 1x128 activation tiles, 128x128 weight
+blocks, online (current-tensor) scales, FP32 promotion every 128 elements of K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+from moeforge.errors import ConfigError
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class Fp8Config:
+    enabled: bool = False
+    block_size: int = 128  # tile width along K (activations 1xB, weights BxB)
+    power_of_2_scales: bool = False  # round scales up to 2^k (the "ue8m0" format)
+    backend: str = "auto"  # "auto" (triton on CUDA, emulated on CPU) | "emulated" | "triton"
+    cpu_gemm_dtype: str = "bf16"  # dtype of the dequantized CPU GEMM: "bf16" (AMX) | "fp32"
+
+    def validate(self) -> None:
+        _require(self.block_size > 0, f"fp8.block_size must be > 0, got {self.block_size}")
+        _require(self.backend in ("auto", "emulated", "triton"),
+                 f"fp8.backend must be one of auto, emulated, triton; got {self.backend!r}")
+        _require(self.cpu_gemm_dtype in ("bf16", "fp32"),
+                 f"fp8.cpu_gemm_dtype must be 'bf16' or 'fp32', got {self.cpu_gemm_dtype!r}")
