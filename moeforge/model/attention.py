@@ -1,0 +1,151 @@
+"""Attention: Multi-head Latent Attention (MLA) and plain multi-head / grouped-query attention.
+
+Choices:
+- MLA as in DeepSeek-V2/V3: queries optionally through a low-rank bottleneck
+  (``q_lora_rank``; 0 projects directly), keys and values through one joint latent of
+  ``kv_lora_rank`` with RMSNorm on it, plus a decoupled RoPE key of ``qk_rope_head_dim``
+  shared by all heads. Head dims for nope / rope / value are separate.
+- Training and prefill without a cache materialise per-head K/V and call
+  ``scaled_dot_product_attention`` (causal), which is what the CPU kernels are fast at.
+- Decoding with a cache stores only the normalised latent and the rotated rope key per
+  token (kv_lora_rank + qk_rope_head_dim numbers, not 2 * heads * head_dim) and uses the
+  "absorbed" form: the key up-projection is folded into the query and the value
+  up-projection applied after attention, so K/V are never rebuilt for past tokens.
+- MHA/GQA is the same interface with a conventional K/V cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeforge.config import ModelConfig
+from moeforge.model.layers import Linear, RMSNorm, Rotary, yarn_softmax_mscale
+
+
+class KVCache:
+    """Per-layer decode cache. For MLA: latent [B, L, kv_lora_rank] and rope key [B, L, rope_dim]."""
+
+    def __init__(self, *shapes: tuple[int, ...], dtype: torch.dtype = torch.float32, device=None):
+        self.tensors = [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+
+    def write(self, start_pos: int, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Store values at positions [start_pos, start_pos + S) and return everything up to there."""
+        end = start_pos + values[0].shape[1]
+        out = []
+        for buf, v in zip(self.tensors, values):
+            buf[: v.shape[0], start_pos:end] = v.to(buf.dtype)
+            out.append(buf[: v.shape[0], :end])
+        return out
+
+    def nbytes_per_token(self) -> int:
+        return sum(t[0, 0].numel() * t.element_size() for t in self.tensors)
+
+
+def _causal_mask(s: int, total: int, device) -> torch.Tensor:
+    """Boolean [s, total] mask for queries at positions total-s.. attending keys 0..total-1."""
+    q = torch.arange(total - s, total, device=device).unsqueeze(1)
+    k = torch.arange(total, device=device).unsqueeze(0)
+    return k <= q
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk = self.nope + self.rope
+        if self.q_lora_rank == 0:
+            self.wq = Linear(cfg.dim, self.n_heads * qk)
+        else:
+            self.wq_a = Linear(cfg.dim, self.q_lora_rank)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk)
+        self.wkv_a = Linear(cfg.dim, self.kv_lora_rank + self.rope)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.vdim))
+        self.wo = Linear(self.n_heads * self.vdim, cfg.dim)
+        self.rotary = Rotary(cfg, self.rope)
+        self.softmax_scale = qk**-0.5 * yarn_softmax_mscale(cfg)
+
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
+        return KVCache((batch, max_len, self.kv_lora_rank), (batch, max_len, self.rope), dtype=dtype, device=device)
+
+    def _queries(self, x: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(b, s, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, self.rotary(q_pe, start_pos)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q_nope, q_pe = self._queries(x, start_pos)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_norm(kv)
+        k_pe = self.rotary(k_pe.unsqueeze(2), start_pos).squeeze(2)  # [B, S, rope], one key for all heads
+        if cache is None:
+            kvb = self.wkv_b(kv).view(b, s, self.n_heads, self.nope + self.vdim)
+            k_nope, v = kvb.split([self.nope, self.vdim], dim=-1)
+            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+            return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+        # --- decoding: absorbed form over the latent cache
+        lat, pe = cache.write(start_pos, kv, k_pe)  # [B, T, C], [B, T, R]
+        w = self.wkv_b.weight.to(x.dtype).view(self.n_heads, self.nope + self.vdim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, C], [H, v, C]
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        lat, pe = lat.to(x.dtype), pe.to(x.dtype)
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, lat) + torch.einsum("bshr,btr->bsht", q_pe, pe)).float()
+        scores = scores * self.softmax_scale
+        mask = _causal_mask(s, lat.shape[1], x.device).view(1, s, 1, -1)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(x.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", probs, lat)
+        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv)
+        return self.wo(o.reshape(b, s, -1))
+
+
+class MHA(nn.Module):
+    """Multi-head attention; grouped-query when n_kv_heads < n_heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.hd = cfg.head_dim or cfg.dim // cfg.n_heads
+        self.wq = Linear(cfg.dim, self.n_heads * self.hd)
+        self.wk = Linear(cfg.dim, self.n_kv * self.hd)
+        self.wv = Linear(cfg.dim, self.n_kv * self.hd)
+        self.wo = Linear(self.n_heads * self.hd, cfg.dim)
+        self.rotary = Rotary(cfg, self.hd)
+        self.softmax_scale = self.hd**-0.5 * yarn_softmax_mscale(cfg)
+
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
+        shape = (batch, max_len, self.n_kv, self.hd)
+        return KVCache(shape, shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.rotary(self.wq(x).view(b, s, self.n_heads, self.hd), start_pos)
+        k = self.rotary(self.wk(x).view(b, s, self.n_kv, self.hd), start_pos)
+        v = self.wv(x).view(b, s, self.n_kv, self.hd)
+        if cache is not None:
+            k, v = (t.to(x.dtype) for t in cache.write(start_pos, k, v))
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is None or s == k.shape[2]:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            mask = _causal_mask(s, k.shape[2], x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return MLA(cfg) if cfg.attn_type == "mla" else MHA(cfg)

@@ -1,0 +1,163 @@
+"""Mixture of Experts: router, token dispatch, grouped experts, shared experts.
+
+Choices (DeepSeek-V3, TR §2.1.2 and the reference ``Gate``):
+- The router runs in FP32. Scores are sigmoid (V3) or softmax of ``x @ W^T``. A per-expert
+  balancing ``bias`` (FP32 buffer, HF name ``e_score_correction_bias``) is added to the
+  scores *only to choose* experts; gate weights come from the unbiased scores of the
+  chosen experts, normalised to sum 1 and multiplied by ``route_scale``.
+- Group-limited routing: experts are split into ``n_expert_groups``; a group's score is
+  the sum of its two best biased scores; only the best ``n_limited_groups`` groups stay
+  eligible; top-k is taken among their experts.
+- Aux-loss-free balancing: :meth:`Gate.update_bias` moves each bias by ``gamma`` against
+  the sign of (load - mean load), from counts over the whole global batch (the trainer
+  sums counts over micro-batches and, later, data-parallel ranks).
+- The sequence-wise balance loss alpha * sum_i f_i P_i (TR Eq. 17-20) is computed per
+  sequence and averaged over the batch.
+- Dispatch without loops over tokens: (token, slot) pairs are sorted by expert, each
+  expert's contiguous slice goes through one GEMM (``torch._grouped_mm``: one call for all
+  experts, empty experts do no work), and results are scattered back with index_add.
+  :class:`LocalDispatcher` is its own component so expert parallelism can swap in an
+  all-to-all one.
+- ``GroupedExperts.grouped_linear`` is an instance attribute so FP8 conversion can
+  replace the expert GEMM without this file knowing about FP8.
+- Each forward records ``last_counts`` (tokens per expert, detached) and ``last_aux_loss``
+  for the model to collect: no hidden global state, and re-running a forward (activation
+  checkpointing) just overwrites them with the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeforge.config import ModelConfig
+from moeforge.model.layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_experts = cfg.n_routed_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Unbiased affinity scores [T, E] in FP32."""
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose experts from scores [T, E]: returns (weights [T, k] fp32, indices [T, k])."""
+        biased = scores + self.bias
+        if self.n_groups > 1:
+            g = biased.view(-1, self.n_groups, self.n_experts // self.n_groups)
+            group_score = g.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+            keep = group_score.topk(self.topk_groups, dim=-1).indices
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            biased = g.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        idx = biased.topk(self.topk, dim=-1).indices
+        w = scores.gather(1, idx)
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return w * self.route_scale, idx
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free balancing step from the global batch's tokens per expert."""
+        counts = counts.to(self.bias.device, torch.float32)
+        self.bias += gamma * torch.sign(counts.mean() - counts)
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, n_experts: int, topk: int) -> torch.Tensor:
+    """alpha-free sequence-wise balance loss: mean over sequences of sum_i f_i * P_i.
+
+    scores [B*S, E] unbiased affinities, idx [B*S, k] chosen experts.
+    f_i = E / (k * S) * (tokens of the sequence routing to i); P_i = mean_t normalised score.
+    """
+    s = scores.view(batch, -1, n_experts)
+    seq_len = s.shape[1]
+    p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+    hits = torch.zeros(batch, n_experts, device=scores.device, dtype=torch.float32)
+    hits.scatter_add_(1, idx.view(batch, -1), torch.ones(idx.view(batch, -1).shape, device=scores.device))
+    f = hits * (n_experts / (topk * seq_len))
+    return (f * p).sum(dim=-1).mean()
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [T, in] sorted by expert, w [E, out, in], counts tokens per expert -> [T, out].
+
+    One ``torch._grouped_mm`` call for all experts; experts with no tokens cost nothing.
+    """
+    w = w.to(x.dtype)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[1])
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights in nn.Linear layout [E, out, in]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
+        self.grouped_linear = grouped_linear
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        h = F.silu(self.grouped_linear(x, self.w1, counts)) * self.grouped_linear(x, self.w3, counts)
+        return self.grouped_linear(h, self.w2, counts)
+
+
+class LocalDispatcher:
+    """Sort (token, slot) pairs by expert and scatter results back; all experts are local."""
+
+    def dispatch(self, x: torch.Tensor, idx: torch.Tensor, n_experts: int):
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // idx.shape[1]
+        counts = torch.bincount(flat, minlength=n_experts)
+        return x[token], counts, (order, token)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
+        order, token = ctx
+        w = weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        out = y.new_zeros(n_tokens, y.shape[-1])
+        return out.index_add(0, token, y * w)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.dispatcher = LocalDispatcher()
+        self.compute_aux = cfg.seq_aux_alpha > 0
+        self.last_counts: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        scores = self.gate.scores(flat)
+        weights, idx = self.gate.route(scores)
+        xs, counts, ctx = self.dispatcher.dispatch(flat, idx, self.n_experts)
+        ys = self.experts(xs, counts.tolist())
+        y = self.dispatcher.combine(ys, weights, ctx, flat.shape[0])
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        self.last_counts = counts.detach()
+        if self.compute_aux and self.training:
+            self.last_aux_loss = sequence_balance_loss(scores, idx, b, self.n_experts, self.topk)
+        else:
+            self.last_aux_loss = None
+        return y.view(b, s, d)
