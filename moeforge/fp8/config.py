@@ -24,6 +24,7 @@ class Fp8Config:
     power_of_2_scales: bool = False  # round scales up to 2^k (the "ue8m0" format)
     backend: str = "auto"  # "auto" (triton on CUDA, emulated on CPU) | "emulated" | "triton"
     cpu_gemm_dtype: str = "bf16"  # dtype of the dequantized CPU GEMM: "bf16" (AMX) | "fp32"
+    eps: float = 1e-12  # amax floor: s = max(amax, eps) / 448 (tiny: gradients are tiny)
 
     def validate(self) -> None:
         _require(self.block_size > 0, f"fp8.block_size must be > 0, got {self.block_size}")
@@ -31,3 +32,4 @@ class Fp8Config:
                  f"fp8.backend must be one of auto, emulated, triton; got {self.backend!r}")
         _require(self.cpu_gemm_dtype in ("bf16", "fp32"),
                  f"fp8.cpu_gemm_dtype must be 'bf16' or 'fp32', got {self.cpu_gemm_dtype!r}")
+        _require(self.eps > 0, f"fp8.eps must be > 0, got {self.eps}")

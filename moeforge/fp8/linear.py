@@ -1,0 +1,224 @@
+"""FP8 training GEMMs: ``Fp8Linear`` and the FP8 grouped-expert GEMM.
+
+Both are autograd Functions whose three GEMMs run on blockwise-scaled E4M3 operands
+(DeepSeek-V3 TR section 3.3), written as ``C = A @ B.T`` with both operands tiled along K:
+
+- Fprop  ``y  = x @ W.T``   x per 1x128 tile (along in), W per 128x128 block;
+- Dgrad  ``dx = dy @ W``    dy per 1x128 tile (along out), the *same* quantized W, transposed
+  (square blocks make W.T's blocks W's blocks; the gradient is that of the function computed);
+- Wgrad  ``dW = dy.T @ x``  dy and x re-tiled 128x1 (128 tokens x 1 channel), so the scales
+  again run along this GEMM's K, the token dimension. x comes from the FP8 copy saved in
+  the forward: dequantized and re-quantized, as V3 does.
+
+Choices:
+
+- Saved for backward: x in FP8 with its 1x128 scales and W in FP8 with its 128x128 scales,
+  never a bf16 or fp32 copy. Master weights stay whatever the parameter is (FP32); dW is
+  returned in the weight's dtype, dx in the input's.
+- Scales are online (current tensor), as published: no amax history.
+- The backend is picked per call from the tensor's device: Triton kernels on CUDA when
+  ``backend`` is auto or triton, the CPU emulation (dequantize + bf16/fp32 GEMM) otherwise.
+- Grouped experts: tokens arrive sorted by expert with per-expert ``counts``. Experts with
+  no tokens are dropped before any work (their weight is not even quantized) and get a
+  zero gradient. For Wgrad each expert's segment is zero-padded to a multiple of 128
+  tokens so no 128x1 tile straddles two experts; then one K-grouped GEMM gives all dW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeforge.fp8 import gemm as emulated_gemm
+from moeforge.fp8.config import Fp8Config
+from moeforge.fp8.quant import Fp8Tensor, quantize
+
+
+@dataclass(frozen=True)
+class Fp8Ops:
+    """Quantize + GEMM for one device, configured once from :class:`Fp8Config`."""
+
+    block: int = 128
+    eps: float = 1e-12
+    power_of_2: bool = False
+    compute_dtype: torch.dtype = torch.bfloat16  # CPU emulation only
+    use_triton: bool = False
+
+    @classmethod
+    def for_device(cls, cfg: Fp8Config, device: torch.device) -> "Fp8Ops":
+        on_cuda = device.type == "cuda"
+        if cfg.backend == "triton" and not on_cuda:
+            raise RuntimeError("fp8.backend = 'triton' needs CUDA tensors; use 'auto' or 'emulated' on CPU")
+        return cls(cfg.block_size, cfg.eps, cfg.power_of_2_scales,
+                   torch.bfloat16 if cfg.cpu_gemm_dtype == "bf16" else torch.float32,
+                   on_cuda and cfg.backend in ("auto", "triton"))
+
+    def quantize(self, x: torch.Tensor, tile: str) -> Fp8Tensor:
+        """``tile`` is 'row' (1xB), 'col' (Bx1) or 'block' (BxB)."""
+        block = {"row": (1, self.block), "col": (self.block, 1), "block": (self.block, self.block)}[tile]
+        if self.use_triton:
+            from moeforge.fp8 import kernels
+            return kernels.quantize(x, block, eps=self.eps, power_of_2=self.power_of_2)
+        return quantize(x, block, eps=self.eps, power_of_2=self.power_of_2)
+
+    def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``A @ B.T``."""
+        if self.use_triton:
+            from moeforge.fp8 import kernels
+            return kernels.blockwise_gemm(a, b, out_dtype=out_dtype)
+        return emulated_gemm.blockwise_gemm(a, b, out_dtype=out_dtype, compute_dtype=self.compute_dtype)
+
+    def grouped_gemm(self, a: Fp8Tensor, b: Fp8Tensor, counts: list[int], out_dtype: torch.dtype,
+                     k_grouped: bool = False) -> torch.Tensor:
+        """M-grouped: ``a [T, K]`` rows split by ``counts``, ``b [G, N, K]`` -> ``[T, N]``.
+        K-grouped (Wgrad): ``a [M, T]``, ``b [N, T]`` with T split by ``counts`` -> ``[G, M, N]``."""
+        if self.use_triton:  # one dense kernel per group; a grouped Triton kernel is future work
+            if k_grouped:
+                bounds = _bounds(counts)
+                return torch.stack([self.gemm(_cols(a, s, e), _cols(b, s, e), out_dtype) for s, e in bounds])
+            return torch.cat([self.gemm(_rows(a, s, e), _expert(b, g), out_dtype)
+                              for g, (s, e) in enumerate(_bounds(counts))])
+        cd = self.compute_dtype
+        offs = torch.tensor(counts, device=a.data.device).cumsum(0).to(torch.int32)
+        b_op = b.dequantize(cd).t() if k_grouped else b.dequantize(cd).transpose(-2, -1)
+        return torch._grouped_mm(a.dequantize(cd), b_op, offs=offs).to(out_dtype)
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    out, s = [], 0
+    for c in counts:
+        out.append((s, s + c))
+        s += c
+    return out
+
+
+def _rows(x: Fp8Tensor, s: int, e: int) -> Fp8Tensor:  # rows s:e of a 1xB-tiled tensor
+    return Fp8Tensor(x.data[s:e], x.scale[s:e], x.block)
+
+
+def _cols(x: Fp8Tensor, s: int, e: int) -> Fp8Tensor:  # columns s:e, B-aligned (padded segments)
+    b = x.block[1]
+    return Fp8Tensor(x.data[:, s:e], x.scale[:, s // b:-(-e // b)], x.block)
+
+
+def _expert(w: Fp8Tensor, g: int) -> Fp8Tensor:
+    return Fp8Tensor(w.data[g], w.scale[g], w.block)
+
+
+# ----------------------------------------------------------------------------- dense linear
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops: Fp8Ops) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, wq = ops.quantize(x2, "row"), ops.quantize(weight, "block")
+        y = ops.gemm(xq, wq, x.dtype)
+        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
+        ctx.ops, ctx.x_shape, ctx.w_dtype = ops, x.shape, weight.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        ops = ctx.ops
+        xd, xs, wd, ws = ctx.saved_tensors
+        xq, wq = Fp8Tensor(xd, xs, (1, ops.block)), Fp8Tensor(wd, ws, (ops.block, ops.block))
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.gemm(ops.quantize(dy2, "row"), wq.t(), dy.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            x_col = ops.quantize(xq.dequantize(torch.float32), "col")  # re-tile 1x128 -> 128x1
+            dw = ops.gemm(ops.quantize(dy2, "col").t(), x_col.t(), ctx.w_dtype)
+        return dx, dw, None
+
+
+class Fp8Linear(nn.Linear):
+    """An ``nn.Linear`` whose GEMMs (forward and both backward) run in blockwise FP8.
+
+    Same parameters and state-dict keys as the Linear it replaces (it shares them), so
+    optimizers, checkpoints and the Hugging Face mapping do not notice the swap. Accepts
+    fp32 or bf16 input and returns the input's dtype; the bias, if any, is added in it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 cfg: Fp8Config | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.fp8 = cfg or Fp8Config(enabled=True)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, cfg: Fp8Config) -> "Fp8Linear":
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, cfg, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _Fp8LinearFn.apply(x, self.weight, Fp8Ops.for_device(self.fp8, x.device))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8=blockwise{self.fp8.block_size}"
+
+
+# ----------------------------------------------------------------------------- grouped experts
+class _Fp8GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int], ops: Fp8Ops) -> torch.Tensor:
+        used = [e for e, c in enumerate(counts) if c > 0]
+        n_used = [counts[e] for e in used]
+        idx = torch.tensor(used, dtype=torch.long, device=w.device)
+        w_used = w if len(used) == w.shape[0] else w.index_select(0, idx)
+        xq, wq = ops.quantize(x, "row"), ops.quantize(w_used, "block")
+        y = ops.grouped_gemm(xq, wq, n_used, x.dtype)
+        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, idx)
+        ctx.ops, ctx.n_used, ctx.w_shape, ctx.w_dtype = ops, n_used, w.shape, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        ops, b, n_used = ctx.ops, ctx.ops.block, ctx.n_used
+        xd, xs, wd, ws, idx = ctx.saved_tensors
+        xq, wq = Fp8Tensor(xd, xs, (1, b)), Fp8Tensor(wd, ws, (b, b))
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.grouped_gemm(ops.quantize(dy, "row"), wq.t(), n_used, dy.dtype)
+        if ctx.needs_input_grad[1]:
+            padded = [-(-c // b) * b for c in n_used]
+            dy_p, x_p = _pad_segments(dy, n_used, padded), _pad_segments(xq.dequantize(torch.float32), n_used, padded)
+            dw_used = ops.grouped_gemm(ops.quantize(dy_p, "col").t(), ops.quantize(x_p, "col").t(),
+                                       padded, ctx.w_dtype, k_grouped=True)
+            if len(n_used) == ctx.w_shape[0]:
+                dw = dw_used
+            else:
+                dw = dw_used.new_zeros(ctx.w_shape).index_copy_(0, idx, dw_used)
+        return dx, dw, None, None
+
+
+def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
+    if counts == padded:
+        return x
+    shift = torch.tensor([p0 - c0 for p0, c0 in zip(_starts(padded), _starts(counts))], device=x.device)
+    dest = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(
+        torch.tensor(counts, device=x.device), output_size=x.shape[0])
+    return x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, dest, x)
+
+
+def _starts(counts: list[int]) -> list[int]:
+    return [s for s, _ in _bounds(counts)]
+
+
+class Fp8GroupedLinear:
+    """Drop-in for ``moeforge.model.moe.grouped_linear``: ``(x [T, in], w [E, out, in],
+    counts list[int]) -> [T, out]`` with all three GEMMs in blockwise FP8."""
+
+    def __init__(self, cfg: Fp8Config):
+        self.cfg = cfg
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, w.shape[1])
+        return _Fp8GroupedFn.apply(x, w, list(counts), Fp8Ops.for_device(self.cfg, x.device))
+
+    def __repr__(self) -> str:
+        return f"Fp8GroupedLinear(block={self.cfg.block_size})"
