@@ -1,0 +1,116 @@
+"""Benchmark helpers and `moeforge bench`: timing, peak GEMM rate, JSON + markdown results.
+
+Choices:
+- Every claim is a ratio measured side by side in one process: this machine is shared
+  and noisy, so absolute seconds mean little. Candidates are timed *interleaved*
+  (A, B, A, B, ...) and the median of each is reported, so a burst of load from
+  elsewhere hits both sides.
+- Results go to ``benchmarks/results/<name>.json`` (machine-readable, with the torch
+  version and thread count) and ``<name>.md`` (a table for people).
+- The benchmark scripts live in ``benchmarks/`` at the project root; ``moeforge bench``
+  runs them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import runpy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeat: int = 5) -> float:
+    """Measured FLOP/s of a square GEMM: the practical ceiling for utilisation figures."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    t = interleaved({"mm": lambda: a @ b}, repeat=repeat, warmup=2)["mm"]
+    return 2 * n**3 / t
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results(name: str, title: str, rows: list[dict], notes: list[str] | None = None,
+                  summary: dict | None = None, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Save rows (a list of flat dicts with the same keys) as JSON and a markdown table."""
+    out = Path(out_dir or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"name": name, "title": title, "environment": environment(), "summary": summary or {},
+               "rows": rows, "notes": notes or []}
+    jpath, mpath = out / f"{name}.json", out / f"{name}.md"
+    jpath.write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"# {title}", "", f"torch {torch.__version__}, {torch.get_num_threads()} threads, {payload['environment']['time']}", ""]
+    if rows:
+        keys = list(rows[0].keys())
+        lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    if summary:
+        lines += ["", "**Summary**", ""] + [f"- {k}: {_fmt(v)}" for k, v in summary.items()]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    mpath.write_text("\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+def available() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
+
+
+def cli(argv: list[str]) -> int:
+    from moeforge.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="moeforge bench", description="run benchmarks (ratios measured side by side)")
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(available())}")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args(argv)
+    names = args.names or available()
+    for name in names:
+        path = BENCH_DIR / f"bench_{name}.py"
+        if not path.is_file():
+            raise UserError(f"no benchmark named {name!r} (have: {', '.join(available())})")
+        print(f"== {name}", flush=True)
+        old = sys.argv
+        sys.argv = [str(path)] + (["--quick"] if args.quick else [])
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        finally:
+            sys.argv = old
+    return 0
