@@ -1,0 +1,178 @@
+"""Fp8Linear and the FP8 grouped-expert GEMM against fp32 autograd; convert() on the real model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeforge import fp8
+from moeforge.config import ModelConfig
+from moeforge.fp8 import Fp8Config, Fp8GroupedLinear, Fp8Linear, calc_diff, quantize
+from moeforge.fp8.linear import Fp8Ops
+from moeforge.model.transformer import Transformer
+
+CFG = Fp8Config(enabled=True)
+CFG32 = Fp8Config(enabled=True, cpu_gemm_dtype="fp32")
+
+
+def fp32_grads(x, w, dy):
+    x, w = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (x @ w.transpose(-2, -1)).backward(dy.double())
+    return x.grad, w.grad
+
+
+def saved_tensors(fn):
+    """Every tensor autograd saves while ``fn`` runs (via saved_tensors_hooks)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_matches_fp32_autograd(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 200, bias=False)  # sizes not multiples of 128
+    f = Fp8Linear.from_linear(lin, CFG)
+    assert f.weight is lin.weight
+    x = torch.randn(2, 70, 300, dtype=dtype, requires_grad=True)
+    y, saved = saved_tensors(lambda: f(x))
+    assert y.dtype == dtype and y.shape == (2, 70, 200)
+    # what waits for backward is FP8 plus FP32 scales, never a bf16/fp32 copy of x or W
+    assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}
+    assert all(t.numel() * 4 <= x.numel() for t in saved if t.dtype == torch.float32)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gx, gw = fp32_grads(x, lin.weight, dy)
+    assert x.grad.dtype == dtype and lin.weight.grad.dtype == torch.float32
+    assert calc_diff(y, x.double() @ lin.weight.double().t()) < 1e-3
+    assert calc_diff(x.grad, gx) < 1e-3
+    assert calc_diff(lin.weight.grad, gw) < 2e-3  # Wgrad: x is quantized twice (1x128, then 128x1)
+    assert torch.allclose(lin.weight.grad, gw.float(), rtol=0, atol=0.1 * gw.abs().max().item())
+
+
+def test_only_needed_grads_and_bias():
+    lin = nn.Linear(128, 64, bias=True)
+    f = Fp8Linear.from_linear(lin, CFG)
+    x = torch.randn(5, 128)  # no grad for x: Dgrad is skipped
+    f(x).sum().backward()
+    assert lin.weight.grad is not None and lin.bias.grad is not None
+    assert torch.allclose(lin.bias.grad, torch.full((64,), 5.0))
+
+
+def loop_reference(x, w, counts):
+    out, s = [], 0
+    for e, c in enumerate(counts):
+        out.append(x[s:s + c] @ w[e].t())
+        s += c
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("counts", [[100, 0, 37, 256, 1], [128, 128, 128]], ids=["ragged+empty", "aligned"])
+def test_grouped_matches_per_expert_loop(counts):
+    torch.manual_seed(0)
+    T, E = sum(counts), len(counts)
+    x = torch.randn(T, 192, requires_grad=True)
+    w = torch.randn(E, 136, 192, requires_grad=True)
+    y = Fp8GroupedLinear(CFG)(x, w, counts)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x2, w2 = x.detach().requires_grad_(), w.detach().clone().requires_grad_()
+    loop_reference(x2, w2, counts).backward(dy)
+    assert calc_diff(y, loop_reference(x, w, counts)) < 1e-3
+    assert calc_diff(x.grad, x2.grad) < 1e-3
+    assert calc_diff(w.grad, w2.grad) < 2e-3
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.equal(w.grad[e], torch.zeros_like(w.grad[e]))
+
+
+def test_grouped_equals_dense_fp8_per_expert():
+    """Same quantization as running Fp8Linear expert by expert: in particular the Wgrad
+    128x1 tiles stop at expert boundaries (an expert with huge gradients cannot coarsen the
+    scales of its neighbour's tokens)."""
+    torch.manual_seed(1)
+    counts = [100, 60, 0, 200]
+    x = torch.randn(sum(counts), 128, requires_grad=True)
+    w = torch.randn(4, 64, 128, requires_grad=True)
+    dy = torch.randn(sum(counts), 64)
+    dy[100:160] *= 1e4  # expert 1's gradients are huge
+    Fp8GroupedLinear(CFG32)(x, w, counts).backward(dy)
+    s = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        lin = nn.Linear(128, 64, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w[e])
+        xe = x.detach()[s:s + c].clone().requires_grad_()
+        Fp8Linear.from_linear(lin, CFG32)(xe).backward(dy[s:s + c])
+        assert torch.allclose(w.grad[e], lin.weight.grad, rtol=1e-5, atol=1e-5 * lin.weight.grad.abs().max())
+        assert torch.allclose(x.grad[s:s + c], xe.grad, rtol=1e-5, atol=1e-5 * xe.grad.abs().max())
+        s += c
+
+
+def test_grouped_skips_empty_experts(monkeypatch):
+    seen = []
+    real = Fp8Ops.quantize
+    monkeypatch.setattr(Fp8Ops, "quantize", lambda self, t, tile: seen.append(tuple(t.shape)) or real(self, t, tile))
+    Fp8GroupedLinear(CFG)(torch.randn(10, 128), torch.randn(6, 32, 128), [0, 10, 0, 0, 0, 0])
+    assert (1, 32, 128) in seen and (6, 32, 128) not in seen  # only the used expert's weight
+    assert Fp8GroupedLinear(CFG)(torch.randn(0, 128), torch.randn(6, 32, 128), [0] * 6).shape == (0, 32)
+
+
+# ----------------------------------------------------------------------------- convert()
+def tiny_model(**over):
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_dense_layers=1, n_heads=2, inter_dim=128,
+                      moe_inter_dim=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, q_lora_rank=32, n_routed_experts=4, n_activated_experts=2,
+                      max_seq_len=32, init_std=0.02, **over)
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+@pytest.mark.parametrize("attn", ["mla", "mha"])
+def test_convert_swaps_exactly_the_fp8_modules(attn):
+    model = tiny_model(attn_type=attn)
+    params_before = dict(model.named_parameters())
+    fp8.convert(model, CFG)
+    fp8_names = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    plain = {n for n, m in model.named_modules() if type(m) is not Fp8Linear and isinstance(m, nn.Linear)}
+    assert plain == {"head", "mtp.0.proj"}  # output head and MTP projection stay high precision
+    assert all(n.split(".")[-2] in ("attn", "ffn", "shared_experts") for n in fp8_names)
+    assert any(".attn." in n for n in fp8_names) and any("shared_experts" in n for n in fp8_names)
+    assert any(n.startswith("layers.0.ffn.w") for n in fp8_names)  # the dense MLP
+    assert isinstance(model.embed, nn.Embedding)
+    for m in model.moe_layers():
+        assert isinstance(m.experts.grouped_linear, Fp8GroupedLinear)
+        assert type(m.gate).__name__ == "Gate"
+    # the same Parameter objects, same names: optimizers and checkpoints do not notice
+    after = dict(model.named_parameters())
+    assert after.keys() == params_before.keys()
+    assert all(after[k] is params_before[k] for k in after)
+    assert fp8.convert(model, CFG) is model  # idempotent
+    assert fp8.convert(tiny_model(), Fp8Config(enabled=False)).head.__class__ is not Fp8Linear
+
+
+def test_tiny_fp8_model_trains_like_bf16():
+    """Same init, same batch: FP8 and BF16 losses agree at the start and fall together."""
+    tok = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    base = tiny_model().set_compute_dtype(torch.bfloat16)
+    curves = []
+    for model in (base, fp8.convert(copy.deepcopy(base), CFG)):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(30):
+            logits = model(tok[:, :-1], with_mtp=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    bf16, f8 = curves
+    assert abs(f8[0] - bf16[0]) / bf16[0] < 5e-3
+    assert f8[-1] < 0.5 * f8[0]
+    assert max(abs(a - b) / b for a, b in zip(f8[:15], bf16[:15])) < 0.05
