@@ -97,13 +97,17 @@ class TokenLoader:
             self._perm, self._perm_epoch = rng.permutation(len(self.dataset)), self.epoch
         return self._perm
 
-    def next_batch(self) -> torch.Tensor:
+    def next_indices(self) -> list[int]:
+        """The dataset indices of this rank's next batch (advances the loader)."""
         if self.sample + self.global_batch > self.steps_per_epoch * self.global_batch:
             self.epoch, self.sample = self.epoch + 1, 0
         start = self.sample + self.rank * self.batch_size
         idx = self._permutation()[start: start + self.batch_size]
         self.sample += self.global_batch
-        return torch.stack([self.dataset[int(i)] for i in idx])
+        return [int(i) for i in idx]
+
+    def next_batch(self) -> torch.Tensor:
+        return torch.stack([self.dataset[i] for i in self.next_indices()])
 
     def __iter__(self):
         while True:

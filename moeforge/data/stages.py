@@ -146,18 +146,47 @@ def has_docs(folder: Path) -> bool:
     return folder.is_dir() and any(p.stat().st_size > 0 for p in folder.rglob("*.jsonl"))
 
 
-def run_all(readers: list, dcfg, work: Path, workers: int) -> tuple[list[Path], dict]:
-    """clean -> exact -> minhash; returns (folders of final docs, {stage: stats})."""
-    tasks = max(1, workers)
-    stats = {"clean": run_clean(readers, dcfg, work, tasks, workers)}
-    cur = work / "clean" / "dedup"
+def run_dedup(cur: Path, dcfg, work: Path, tasks: int, workers: int) -> tuple[Path, dict]:
+    """Exact then near dedup of the JSONL folder ``cur``; returns (output folder, {stage: stats})."""
+    stats = {}
     if dcfg.exact_dedup and has_docs(cur):
         stats["exact"] = run_exact(cur, work / "exact" / "out", work, tasks, workers)
         cur = work / "exact" / "out"
     if dcfg.near_dedup and has_docs(cur):
         stats["minhash"] = run_minhash(cur, work / "minhash" / "out", dcfg, work, tasks, workers)
         cur = work / "minhash" / "out"
-    return [cur, work / "clean" / "keep"], stats
+    return cur, stats
+
+
+def run_all(readers: list, dcfg, work: Path, workers: int) -> tuple[list[Path], dict]:
+    """clean -> exact -> minhash; returns (folders of final docs, {stage: stats})."""
+    tasks = max(1, workers)
+    stats = {"clean": run_clean(readers, dcfg, work, tasks, workers)}
+    cur, more = run_dedup(work / "clean" / "dedup", dcfg, work, tasks, workers)
+    return [cur, work / "clean" / "keep"], stats | more
+
+
+def dedup_texts(texts: list[str], dcfg, work: Path, workers: int = 1) -> tuple[set[int], dict]:
+    """Deduplicate a list of strings with the same stages (tests, benchmark): (indices kept, stats)."""
+    src = work / "in" / "docs"
+    src.mkdir(parents=True, exist_ok=True)
+    with open(src / "00000.jsonl", "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"text": t, "id": str(i), "metadata": {"domain": "docs"}}) + "\n")
+    out, stats = run_dedup(src, dcfg, work, max(1, workers), workers)
+    kept = set()
+    for p in out.rglob("*.jsonl"):
+        kept |= {int(json.loads(line)["id"]) for line in p.open()}
+    return kept, stats
+
+
+def shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    """True Jaccard similarity of word n-gram shingles, as MinHash estimates it."""
+    def shingles(t: str) -> set:
+        w = WORD_TOKENIZER.word_tokenize(simplify_text(t))
+        return {" ".join(w[i: i + n]) for i in range(max(1, len(w) - n + 1))}
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / max(1, len(sa | sb))
 
 
 def summarize(stats: dict) -> dict:

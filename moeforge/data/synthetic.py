@@ -149,3 +149,28 @@ def make_dialogue(rng: random.Random, facts: list[tuple[str, str]] | None = None
         messages.append({"role": "user", "content": user})
         messages.append({"role": "assistant", "content": assistant})
     return {"messages": messages}
+
+
+# ----------------------------------------------------------------------------- planted duplicates
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "fe", "ha", "ji", "bo"]
+
+
+def planted_duplicates(rng: random.Random, n_docs: int = 200, n_dups: int = 100, words: int = 300,
+                       edits: tuple[int, int] = (1, 40)) -> tuple[list[str], list[tuple[int, int]]]:
+    """A corpus for measuring dedup: ``n_docs`` unrelated documents plus ``n_dups`` copies of
+    random ones with k word substitutions each (k uniform in ``edits``), so the planted pairs
+    span Jaccard similarities from ~0.95 down to ~0.3. Returns (texts, [(original, copy)])."""
+    vocab = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(5000)})
+    texts = []
+    for _ in range(n_docs):
+        ws = rng.choices(vocab, k=words)
+        texts.append("\n".join(" ".join(ws[i: i + 12]) + "." for i in range(0, words, 12)))
+    pairs = []
+    for _ in range(n_dups):
+        src = rng.randrange(n_docs)
+        ws = texts[src].replace(".", "").split()
+        for pos in rng.sample(range(len(ws)), rng.randint(*edits)):
+            ws[pos] = rng.choice(vocab)
+        pairs.append((src, len(texts)))
+        texts.append("\n".join(" ".join(ws[i: i + 12]) + "." for i in range(0, len(ws), 12)))
+    return texts, pairs
