@@ -1,0 +1,271 @@
+"""The one training loop. Pretraining, SFT, reward modelling, DPO and GRPO are *stages*.
+
+A stage is any object with this small interface (duck-typed; see :class:`Stage`)::
+
+    tokens_per_batch: int              nominal tokens per micro-batch (batch ramp, tokens/s)
+    next_batch() -> batch              the next training micro-batch, on the model's device
+    loss(model, batch, step) -> dict   'loss': scalar to backpropagate (mean over the
+                                       micro-batch); other 0-d tensors are logged parts
+                                       ('lm', 'mtp', 'aux', ...); optional 'expert_counts'
+                                       [n_moe_layers, E] tokens per expert (drives the
+                                       MoE bias update; use ModelOutput.expert_counts)
+    evaluate(model) -> dict[str,float] held-out metrics; called in eval mode, no_grad
+    state_dict() / load_state_dict(d)  JSON-safe data position, saved in checkpoints
+
+One optimizer step (:func:`train`):
+  micro-batches per step from the batch ramp -> for each: ``loss/n`` backward (gradients
+  accumulate in FP32 on the master weights) -> global grad norm -> one host sync that
+  checks loss and norm are finite -> clip, AdamW step at the scheduled LR -> MoE bias
+  update from the expert counts summed over all micro-batches of the step.
+
+Choices:
+- Non-finite loss or gradients: the step is skipped (no update, no bias move), logged
+  with its number, and counted; ``max_bad_steps`` in a row stop the run with
+  :class:`TrainingStopped` after saving the last good weights (unchanged since the last
+  finite step). Skipped steps still advance the step counter and the data.
+- One ``.tolist()`` per step is the only host sync in the hot path (the finiteness check
+  needs it anyway); parts and counts accumulate as tensors.
+- Ctrl-C sets a flag: the current step finishes, a checkpoint is written, and the run
+  returns with status "interrupted" (resume continues exactly there). A second Ctrl-C
+  raises KeyboardInterrupt at once, without a checkpoint.
+- Determinism: resume restores weights and buffers (router bias), AdamW moments and
+  step count, the stage's position and every RNG state; with the same thread count the
+  resumed losses are bitwise equal to an uninterrupted run on CPU.
+- Distributed: expert counts are summed over all ranks before the bias update. The
+  update uses only sign(mean - count), which is unchanged by the duplicate counts that
+  tensor-parallel ranks contribute, so one all-reduce over the world is enough.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeforge.config import Config
+from moeforge.errors import UserError
+from moeforge.train import checkpoint as ckpt
+from moeforge.train.metrics import (Metrics, format_train, max_violation, measure_peak_flops, memory_bytes,
+                                    plot_run, train_flops_per_token)
+from moeforge.train.optim import AdamW, lr_at, micro_batches_at
+
+
+class Stage(Protocol):
+    tokens_per_batch: int
+
+    def next_batch(self) -> Any: ...
+    def loss(self, model: nn.Module, batch: Any, step: int) -> dict[str, torch.Tensor]: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingStopped(UserError):
+    """Too many non-finite steps in a row; the message names them and the saved checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    status: str  # "done" | "interrupted"
+    checkpoint: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _StopFlag:
+    """First SIGINT asks the loop to stop after the current step; the second one is immediate."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers (the routers' bias) by name, as saved on disk."""
+    return dict(model.state_dict())
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    want = model.state_dict()
+    for k in want:
+        if k not in tensors:
+            raise UserError(f"checkpoint {where} lacks tensor {k} (a different model?)")
+        if tensors[k].shape != want[k].shape:
+            raise UserError(f"checkpoint {where}: tensor {k} has shape {tuple(tensors[k].shape)}, the model "
+                            f"expects {tuple(want[k].shape)}")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise UserError(f"checkpoint {where} has tensor {extra[0]} that the model does not (a different model?)")
+    model.load_state_dict(tensors, strict=True)
+
+
+def update_router_bias(model: nn.Module, counts: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing: one sign step per MoE layer from the step's global counts."""
+    if gamma <= 0 or counts is None:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    for layer, c in zip(model.moe_layers(), counts):
+        layer.gate.update_bias(c, gamma)
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage, step: int,
+                    tokens: int, **extra: Any) -> Path:
+    state = {"tokens": tokens, "optimizer_step": opt.step_count, "lr": lr_at(max(step - 1, 0), cfg.train),
+             "stage": stage.state_dict(), "rng": ckpt.rng_state(), "config": cfg.to_dict(), **extra}
+    return ckpt.save(run_dir / "checkpoints", step, model_tensors(model), opt.state_tensors(), state, cfg.train.keep_last)
+
+
+def restore(path: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage) -> tuple[int, int]:
+    """Load a verified checkpoint into model/optimizer/stage/RNG; return (step, tokens)."""
+    state = ckpt.verify(path)
+    ckpt.check_config(path, state.get("config", {}), cfg.to_dict())
+    load_model_tensors(model, ckpt.load_tensors(path, "model.safetensors"), path)
+    try:
+        opt.load_state_tensors(ckpt.load_tensors(path, "optimizer.safetensors"), state["optimizer_step"])
+    except (KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path / 'optimizer.safetensors'}: {e.args[0]}") from None
+    stage.load_state_dict(state["stage"])
+    ckpt.set_rng_state(state["rng"])
+    return state["step"], state["tokens"]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stage: Stage) -> dict[str, float]:
+    model.eval()
+    try:
+        return stage.evaluate(model)
+    finally:
+        model.train()
+
+
+def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Path | None = None) -> TrainResult:
+    """Run ``cfg.train.steps`` optimizer steps of ``stage`` on ``model``; see the module docstring."""
+    tc = cfg.train
+    device = next(model.parameters()).device
+    opt = AdamW.from_config(model, tc)
+    step, tokens = restore(resume, cfg, model, opt, stage) if resume else (0, 0)
+    start_step = step
+    model.train()
+    params = [p for _, p in opt.params]
+    compute_dtype = torch.bfloat16 if tc.dtype == "bf16" else torch.float32
+    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+    peak = measure_peak_flops(compute_dtype, device)
+    metrics = Metrics(run_dir, tc.steps, start_step, tc.progress)
+    metrics.write({"kind": "info", "step": step, "resumed_from": str(resume) if resume else None,
+                   "flops_per_token": flops_per_token, "peak_flops": peak, "device": str(device)})
+    bad: list[int] = []  # consecutive non-finite steps
+    last_ckpt: Path | None = None
+    interval = {"tokens": 0, "time": 0.0, "counts": None}
+    run = {"tokens": 0, "time": 0.0}  # step time only: eval and checkpoints excluded
+    history: list[float] = []
+    status = "done"
+    t_run = time.perf_counter()
+    try:
+        with _StopFlag() as stop:
+            while step < tc.steps:
+                t0 = time.perf_counter()
+                n_micro = micro_batches_at(tokens, tc)
+                opt.lr = lr_at(step, tc)
+                acc: dict[str, torch.Tensor] = {}
+                counts = None
+                for _ in range(n_micro):
+                    parts = stage.loss(model, stage.next_batch(), step)
+                    (parts["loss"] / n_micro).backward()
+                    c = parts.get("expert_counts")
+                    if c is not None:
+                        counts = c.detach().clone() if counts is None else counts + c.detach()
+                    for k, v in parts.items():
+                        if k != "expert_counts":
+                            acc[k] = v.detach().float() + acc[k] if k in acc else v.detach().float()
+                grad_norm = torch.nn.utils.get_total_norm(opt.grads()).float()
+                keys = sorted(acc)
+                values = torch.stack([acc[k] / n_micro for k in keys] + [grad_norm]).tolist()  # the step's one sync
+                rec = dict(zip(keys, values), grad_norm=values[-1])
+                step += 1
+                tokens += n_micro * stage.tokens_per_batch
+                if all(math.isfinite(v) for v in values):
+                    if tc.grad_clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(params, tc.grad_clip, grad_norm)
+                    opt.step()
+                    gamma = cfg.model.bias_update_speed if step - 1 < tc.bias_freeze_at * tc.steps else 0.0
+                    update_router_bias(model, counts, gamma)
+                    bad.clear()
+                else:
+                    bad.append(step)
+                    metrics.write({"kind": "skip", "step": step, **rec})
+                    metrics.print(f"step {step}: non-finite loss or gradient ({', '.join(f'{k}={v}' for k, v in rec.items())}); "
+                                  f"step skipped ({len(bad)}/{tc.max_bad_steps} in a row)")
+                opt.zero_grad()
+                dt = time.perf_counter() - t0
+                for acc_ in (interval, run):
+                    acc_["tokens"] += n_micro * stage.tokens_per_batch
+                    acc_["time"] += dt
+                if counts is not None:
+                    interval["counts"] = counts if interval["counts"] is None else interval["counts"] + counts
+                if len(bad) >= tc.max_bad_steps:
+                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens,
+                                                stopped=f"non-finite steps {bad[0]}-{bad[-1]}")
+                    raise TrainingStopped(
+                        f"training stopped: {len(bad)} consecutive non-finite steps ({bad[0]}-{bad[-1]}); "
+                        f"the last good weights are saved in {last_ckpt} (try a lower train.lr)")
+                if not bad:
+                    history.append(rec["loss"])
+                    metrics.advance(step, rec["loss"])
+                if not bad and (step % tc.log_every == 0 or step == tc.steps or step == start_step + 1):
+                    tps = interval["tokens"] / max(interval["time"], 1e-9)
+                    rec.update(kind="train", step=step, tokens=tokens, lr=opt.lr, micro_batches=n_micro, tokens_per_s=tps,
+                               flops_per_s=tps * flops_per_token, mfu=tps * flops_per_token / peak,
+                               memory_mb=memory_bytes(device) / 2**20, elapsed_s=time.perf_counter() - t_run)
+                    if counts is not None:
+                        vio = max_violation(counts)
+                        load = interval["counts"].float() / interval["counts"].sum(-1, keepdim=True).clamp_min(1)
+                        rec.update(maxvio=vio.tolist(), maxvio_mean=vio.mean().item(), expert_load=load.tolist())
+                    metrics.write(rec)
+                    metrics.print(format_train(rec, tc.steps))
+                    interval = {"tokens": 0, "time": 0.0, "counts": None}
+                if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+                    ev = evaluate(model, stage)
+                    metrics.write({"kind": "eval", "step": step, **ev})
+                    metrics.print(f"eval @ step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if stop.set or step == tc.steps or (tc.ckpt_every and step % tc.ckpt_every == 0):
+                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens)
+                if stop.set:
+                    status = "interrupted"
+                    metrics.print(f"interrupted: checkpoint of step {step} written to {last_ckpt}")
+                    break
+    finally:
+        metrics.close()
+        try:
+            plot_run(run_dir)
+        except Exception as e:  # a plotting problem must not hide the training outcome
+            print(f"warning: plots not written ({type(e).__name__}: {e})")
+    summary = {"steps": step - start_step, "first_loss": history[0] if history else None,
+               "last_loss": history[-1] if history else None, "tokens": tokens,
+               "tokens_per_s": run["tokens"] / max(run["time"], 1e-9),
+               "mfu": run["tokens"] / max(run["time"], 1e-9) * flops_per_token / peak,
+               "elapsed_s": time.perf_counter() - t_run}
+    return TrainResult(run_dir=run_dir, step=step, status=status, checkpoint=last_ckpt, summary=summary)
