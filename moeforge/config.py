@@ -226,25 +226,16 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved1f1b" | "zbv" | "dualpipev"
     pp_microbatches: int = 4
     reshard_after_forward: bool = True
-    param_dtype: str = "fp32"  # FSDP all-gather dtype: "fp32" | "bf16" (gradients reduce in fp32)
-    loss_parallel: bool = False  # tp: keep logits vocab-sharded and use a vocabulary-parallel loss
 
     @property
     def world_size(self) -> int:
-        # ep is not a factor: expert parallelism reuses the data-parallel ranks (ep | dp)
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
-
-    @property
-    def stages_per_rank(self) -> int:
-        """Pipeline stages each pp rank holds: 2 for the interleaved and V-shaped schedules."""
-        return 2 if self.pp_schedule in ("interleaved1f1b", "zbv", "dualpipev") else 1
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_microbatches"):
             require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         require(self.pp_schedule in ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"),
                 f"parallel.pp_schedule must be one of gpipe, 1f1b, interleaved1f1b, zbv, dualpipev; got {self.pp_schedule!r}")
-        require(self.param_dtype in ("fp32", "bf16"), f"parallel.param_dtype must be 'fp32' or 'bf16', got {self.param_dtype!r}")
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -255,12 +246,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
-    # post-training stages: what differs from [train] for each (moeforge/train/post_config.py)
-    # (imported at the end of this file: moeforge.train's package imports this module)
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig())
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig())
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig())
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig())
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -273,16 +258,6 @@ class Config:
                     f"parallel.ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
         if p.pp > 1:
             require(m.n_layers >= p.pp, f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
-            stages = p.pp * p.stages_per_rank
-            require(m.n_layers >= stages, f"parallel.pp={p.pp} with parallel.pp_schedule={p.pp_schedule!r} needs "
-                    f"{stages} stages but model.n_layers={m.n_layers}")
-        if p.ep > 1:
-            require((p.dp_replicate * p.dp_shard) % p.ep == 0,
-                    f"parallel.ep={p.ep} must divide the data-parallel size dp_replicate*dp_shard="
-                    f"{p.dp_replicate * p.dp_shard} (experts are spread over data-parallel ranks)")
-        if p.tp > 1 and m.attn_type == "mha":
-            kv = m.n_kv_heads or m.n_heads
-            require(kv % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={kv}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,8 +385,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     if overrides:
         apply_overrides(raw, overrides)
     return _build(Config, raw, "").validate()
-
-
-# The post-training sections live beside their stages; imported last because importing
-# moeforge.train runs its package, which imports Config from this module.
-from moeforge.train.post_config import DPOConfig, GRPOConfig, RewardConfig, SFTConfig  # noqa: E402
