@@ -97,9 +97,18 @@ def _train_summary(res) -> dict[str, Any]:
             "summary": res.summary, "outputs": [str(res.checkpoint / "model.safetensors")]}
 
 
+def stage_report(ctx: Context) -> dict[str, Any]:
+    from moeforge.report import build_report
+
+    md, page = build_report(ctx.root, ctx.summaries)
+    console.print(f"report: {md} and {page}")
+    return {"report_md": str(md), "report_html": str(page), "outputs": [str(md), str(page)]}
+
+
 STAGES: list[Stage] = [
     Stage("data", 0.10, stage_data, "built-in corpus -> clean -> dedup -> tokenizer -> shards"),
     Stage("pretrain", 0.50, stage_pretrain, "pretrain the MoE (FP8 when fp8.enabled)"),
+    Stage("report", 0.01, stage_report, "write report.md and report.html"),
 ]
 
 
