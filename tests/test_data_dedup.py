@@ -45,3 +45,20 @@ def test_near_dedup_recall_on_planted_pairs(tmp_path):
     planted_members = {i for p in pairs for i in p}
     removed = set(range(len(texts))) - kept
     assert removed <= planted_members  # nothing unrelated removed
+
+
+def test_generated_domains_skip_dedup(tmp_path):
+    """Templated math differs only in numbers, which normalisation erases: it must not be deduplicated."""
+    import json
+
+    from moeforge.data.sources import make_reader
+    from moeforge.data.stages import run_all
+
+    src = tmp_path / "math.jsonl"
+    docs = [f"Problem: What is {a} + {a + 1}? Solution: {a} + {a + 1} = {2 * a + 1}. The answer is {2 * a + 1}."
+            for a in range(10, 30)]
+    src.write_text("".join(json.dumps({"text": t, "id": str(i)}) + "\n" for i, t in enumerate(docs)))
+    reader = make_reader({"domain": "math", "path": str(src), "kind": "jsonl", "filters": "generated"})
+    folders, stats = run_all([reader], DataConfig(), tmp_path / "work", workers=1)
+    n = sum(1 for f in folders for p in f.rglob("*.jsonl") for _ in p.open())
+    assert n == len(docs) and "minhash" not in stats

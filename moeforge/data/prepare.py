@@ -68,9 +68,13 @@ def _work_dir(cfg) -> Path:
 
 def build_clean(cfg) -> tuple[list[Path], dict, dict, list[dict], dict]:
     """Phases 1-3. Returns (final doc folders, datatrove stats, builtin stats, source specs, timings)."""
-    from moeforge.data.builtin import build_builtin, builtin_sources
-    from moeforge.data.sources import make_reader
-    from moeforge.data.stages import run_all
+    try:
+        from moeforge.data.builtin import build_builtin, builtin_sources
+        from moeforge.data.sources import make_reader
+        from moeforge.data.stages import run_all
+    except ImportError as e:  # datatrove is the optional [data] extra
+        raise UserError(f"moeforge prepare needs datatrove and orjson ({e.name} is missing): "
+                        "pip install 'moeforge[data]'") from None
 
     dcfg, work, t = cfg.data, _work_dir(cfg), {}
     builtin: dict = {}
