@@ -31,6 +31,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,7 @@ def chat_loop(model, tok: ChatTokenizer, system: str = "", max_new_tokens: int =
     """Read user turns until EOF or /quit; /reset clears the history. Answers are streamed."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     gen = torch.Generator(device=model.embed.weight.device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # not torch.seed(): it reseeds the global RNG
     limit = model.cfg.max_seq_len - max(1, min(max_new_tokens, model.cfg.max_seq_len // 2))
     write("moeforge chat: type a message; /reset clears the conversation, /quit or Ctrl-D ends.")
     while True:
@@ -268,8 +269,10 @@ def chat_loop(model, tok: ChatTokenizer, system: str = "", max_new_tokens: int =
         sys.stdout.write("model> ")
         out = generate(model, [ids], max_new_tokens, temperature, top_k, top_p, stop_ids_of(tok),
                        generator=gen, on_token=stream)
+        answer = tok.decode(new)
+        sys.stdout.write(answer[len(shown):])  # whatever a trailing partial character held back
         write("" if out.finished[0] else " [...]")
-        history.append({"role": "assistant", "content": tok.decode(new)})
+        history.append({"role": "assistant", "content": answer})
 
 
 def cli(argv: list[str]) -> int:

@@ -78,6 +78,7 @@ def test_label_three_pairs_with_the_keyboard(server, tmp_path):
             page.set_default_timeout(30_000)
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)  # CSP violations too
             page.goto(f"{url}/#token={token}")
             page.wait_for_selector("body[data-pair-id]")
             assert "token" not in page.url  # the token left the address bar

@@ -23,6 +23,7 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import secrets
 import json
 import sys
 import threading
@@ -120,7 +121,7 @@ def checkpoint_answerer(checkpoint: str | Path, config=None, max_new_tokens: int
     model, tok = load_for_chat(checkpoint, config)
     stops = stop_ids_of(tok)
     gen = torch.Generator(device=model.embed.weight.device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # not torch.seed(): it reseeds the global RNG
 
     def answer(prompt: str) -> tuple[str, str]:
         ids = render_chat([{"role": "user", "content": prompt}], tok)
