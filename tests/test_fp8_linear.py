@@ -157,14 +157,15 @@ def test_convert_swaps_exactly_the_fp8_modules(attn):
 
 
 def test_tiny_fp8_model_trains_like_bf16():
-    """Same init, same batch: FP8 and BF16 losses agree at the start and fall together."""
-    tok = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    """Same init, same batch: FP8 and BF16 losses agree step for step (10 steps), and the
+    FP8 loss keeps falling (25 steps). BF16 stops early only to keep the suite fast."""
+    tok = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
     base = tiny_model().set_compute_dtype(torch.bfloat16)
     curves = []
-    for model in (base, fp8.convert(copy.deepcopy(base), CFG)):
+    for model, steps in ((base, 10), (fp8.convert(copy.deepcopy(base), CFG), 25)):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
-        for _ in range(30):
+        for _ in range(steps):
             logits = model(tok[:, :-1], with_mtp=False).logits
             loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
             opt.zero_grad()
@@ -174,5 +175,5 @@ def test_tiny_fp8_model_trains_like_bf16():
         curves.append(losses)
     bf16, f8 = curves
     assert abs(f8[0] - bf16[0]) / bf16[0] < 5e-3
+    assert max(abs(a - b) / b for a, b in zip(f8, bf16)) < 0.05
     assert f8[-1] < 0.5 * f8[0]
-    assert max(abs(a - b) / b for a, b in zip(f8[:15], bf16[:15])) < 0.05
