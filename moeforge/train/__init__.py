@@ -2,9 +2,7 @@
 
 ``pretrain.py`` is the pretraining stage and the ``moeforge pretrain`` command; SFT, reward
 modelling, DPO and GRPO plug their own stage into :func:`moeforge.train.loop.train`.
+Nothing is imported here on purpose: ``moeforge.config`` imports
+``moeforge.train.post_config``, which runs this file, so it must not import the trainers
+(they import ``moeforge.config``).
 """
-
-from moeforge.train.loop import Stage, TrainingStopped, TrainResult, train
-from moeforge.train.optim import AdamW, lr_at, micro_batches_at
-
-__all__ = ["AdamW", "Stage", "TrainResult", "TrainingStopped", "lr_at", "micro_batches_at", "train"]

@@ -82,15 +82,21 @@ class TrainResult:
 
 
 class _StopFlag:
-    """First SIGINT asks the loop to stop after the current step; the second one is immediate."""
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second is immediate.
+
+    SIGTERM is what schedulers (SLURM, Kubernetes) send before killing a job, so it gets the
+    same graceful checkpoint as Ctrl-C.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self._old = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -99,8 +105,8 @@ class _StopFlag:
         self.set = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -213,6 +219,8 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                     opt.step()
                     gamma = cfg.model.bias_update_speed if step - 1 < tc.bias_freeze_at * tc.steps else 0.0
                     update_router_bias(model, counts, gamma)
+                    if counts is not None:
+                        interval["counts"] = counts if interval["counts"] is None else interval["counts"] + counts
                     bad.clear()
                 else:
                     bad.append(step)
@@ -224,8 +232,6 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                 for acc_ in (interval, run):
                     acc_["tokens"] += n_micro * stage.tokens_per_batch
                     acc_["time"] += dt
-                if counts is not None:
-                    interval["counts"] = counts if interval["counts"] is None else interval["counts"] + counts
                 if len(bad) >= tc.max_bad_steps:
                     last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens,
                                                 stopped=f"non-finite steps {bad[0]}-{bad[-1]}")

@@ -155,6 +155,7 @@ class Metrics:
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True):
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = run_dir / "metrics.jsonl"
         if start_step and self.jsonl.exists():  # drop what the resumed run will redo
             keep = [json.dumps(r) + "\n" for r in read_records(self.jsonl) if r.get("step", 0) <= start_step]
