@@ -78,6 +78,14 @@ class MoeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode untrusted text: a typed "<|end|>" stays text, so nobody can forge a role switch."""
+        self.tok.encode_special_tokens = True
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # the Rust side runs a batch on all cores (RAYON_NUM_THREADS caps it)
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -127,7 +135,7 @@ def encode_chat(tok: MoeTokenizer, messages: list[dict]) -> tuple[list[int], lis
     _check_messages(messages)
     ids, mask = [tok.bos_id], [0]
     for m in messages:
-        body = tok.encode(m["content"])
+        body = tok.encode_plain(m["content"])
         train = 1 if m["role"] == "assistant" else 0
         ids += [tok.role_ids[m["role"]], *body, tok.end_id]
         mask += [0] + [train] * (len(body) + 1)
