@@ -25,6 +25,7 @@ from typing import Any
 
 from moeforge.data.config import DataConfig
 from moeforge.fp8.config import Fp8Config
+from moeforge.train.post_config import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
 
 from moeforge.errors import ConfigError  # noqa: E402  (re-exported: moeforge.config.ConfigError)
@@ -246,6 +247,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
+    # post-training stages: what differs from [train] for each (moeforge/train/post_config.py)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
