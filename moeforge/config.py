@@ -227,16 +227,25 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved1f1b" | "zbv" | "dualpipev"
     pp_microbatches: int = 4
     reshard_after_forward: bool = True
+    param_dtype: str = "fp32"  # FSDP all-gather dtype: "fp32" | "bf16" (gradients reduce in fp32)
+    loss_parallel: bool = False  # tp: keep logits vocab-sharded and use a vocabulary-parallel loss
 
     @property
     def world_size(self) -> int:
+        # ep is not a factor: expert parallelism reuses the data-parallel ranks (ep | dp)
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pp rank holds: 2 for the interleaved and V-shaped schedules."""
+        return 2 if self.pp_schedule in ("interleaved1f1b", "zbv", "dualpipev") else 1
 
     def validate(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_microbatches"):
             require(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         require(self.pp_schedule in ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"),
                 f"parallel.pp_schedule must be one of gpipe, 1f1b, interleaved1f1b, zbv, dualpipev; got {self.pp_schedule!r}")
+        require(self.param_dtype in ("fp32", "bf16"), f"parallel.param_dtype must be 'fp32' or 'bf16', got {self.param_dtype!r}")
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -264,6 +273,16 @@ class Config:
                     f"parallel.ep={p.ep} does not divide model.n_routed_experts={m.n_routed_experts}")
         if p.pp > 1:
             require(m.n_layers >= p.pp, f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+            stages = p.pp * p.stages_per_rank
+            require(m.n_layers >= stages, f"parallel.pp={p.pp} with parallel.pp_schedule={p.pp_schedule!r} needs "
+                    f"{stages} stages but model.n_layers={m.n_layers}")
+        if p.ep > 1:
+            require((p.dp_replicate * p.dp_shard) % p.ep == 0,
+                    f"parallel.ep={p.ep} must divide the data-parallel size dp_replicate*dp_shard="
+                    f"{p.dp_replicate * p.dp_shard} (experts are spread over data-parallel ranks)")
+        if p.tp > 1 and m.attn_type == "mha":
+            kv = m.n_kv_heads or m.n_heads
+            require(kv % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={kv}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
