@@ -92,7 +92,11 @@ class MLA(nn.Module):
             k_nope, v = kvb.split([self.nope, self.vdim], dim=-1)
             q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.softmax_scale)
+            v = v.transpose(1, 2)
+            qk = self.nope + self.rope
+            if self.vdim < qk:  # CPU's fused SDPA wants equal head dims (else a 2x slower path): zero-pad V
+                v = F.pad(v, (0, qk - self.vdim))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)[..., : self.vdim]
             return self.wo(o.transpose(1, 2).reshape(b, s, -1))
         # --- decoding: absorbed form over the latent cache
         lat, pe = cache.write(start_pos, kv, k_pe)  # [B, T, C], [B, T, R]
