@@ -107,8 +107,9 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, 
     """Best FLOP/s of an n x n x n GEMM in ``dtype`` on ``device`` (a fraction of a second)."""
     if device.type == "cuda":
         n = 8192
-    a = torch.randn(n, n, device=device, generator=None).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device).manual_seed(0)  # a private generator: the run's RNG stream stays untouched
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     best = math.inf
     for i in range(reps + 1):
         if device.type == "cuda":
