@@ -68,10 +68,11 @@ class Stage:
 
 
 # ----------------------------------------------------------------------------- stages
-def _latest_checkpoint(run_dir: Path) -> Path | None:
+def _resume_arg(run_dir: Path) -> str | None:
+    """'latest' when an earlier attempt of this stage left checkpoints, else a fresh start."""
     from moeforge.train import checkpoint as ckpt
 
-    return ckpt.latest(run_dir / "checkpoints") if (run_dir / "checkpoints").exists() else None
+    return "latest" if ckpt.step_dirs(run_dir / "checkpoints") else None
 
 
 def stage_data(ctx: Context) -> dict[str, Any]:
@@ -83,10 +84,10 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_pretrain(ctx: Context) -> dict[str, Any]:
-    from moeforge.train.pretrain import pretrain
+    from moeforge.train.pretrain import run_pretrain
 
     cfg = ctx.stage_cfg("pretrain")
-    res = pretrain(cfg, resume=_latest_checkpoint(ctx.stage_dir("pretrain")))
+    res = run_pretrain(cfg, resume=_resume_arg(ctx.stage_dir("pretrain")))
     return _train_summary(res)
 
 
