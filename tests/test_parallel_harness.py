@@ -72,6 +72,7 @@ def adamw(model) -> torch.optim.Optimizer:
 def train(model, cfg, mesh, data, accum: int = 1, keep_grads: bool = False, opt=None):
     """AdamW steps on ``data``; returns (losses, biases after each step, last grads or None, optimizer)."""
     from moeforge.parallel.data import grad_sync
+    from moeforge.parallel.tensor import loss_context
 
     opt = opt or adamw(model)
     losses, biases, grads = [], [], None
@@ -83,7 +84,7 @@ def train(model, cfg, mesh, data, accum: int = 1, keep_grads: bool = False, opt=
         else:
             loss, counts = 0.0, 0.0
             for i, (tk, lb) in enumerate(zip(tokens.chunk(accum), labels.chunk(accum))):
-                with grad_sync(model, i == accum - 1):
+                with grad_sync(model, i == accum - 1), loss_context(cfg.parallel.loss_parallel):
                     out = model(tk)
                     part = lm_loss(out, lb, cfg.model)["loss"] / accum
                     part.backward()

@@ -98,6 +98,7 @@ class Stage(nn.Module):
         # (MoE, its index in Transformer.moe_layers()) for the balancing counts
         self.moes = [(m, moe_index[id(m)]) for m in self.modules() if isinstance(m, MoE)]
         self.counts: dict[int, torch.Tensor] = {}
+        self.aux_loss: torch.Tensor | float = 0.0
 
     def _collect_moe_stats(self, h: torch.Tensor) -> torch.Tensor:
         aux = []
@@ -107,8 +108,11 @@ class Stage(nn.Module):
             if m.last_aux_loss is not None:
                 aux.append(m.last_aux_loss)
             m.last_counts = m.last_aux_loss = None
-        if aux and self.aux_scale > 0 and torch.is_grad_enabled():
-            h = _AttachAux.apply(h, torch.stack(aux).sum(), self.aux_scale)
+        if aux and self.aux_scale > 0:
+            total = torch.stack(aux).sum()
+            self.aux_loss = self.aux_loss + self.aux_scale * total.detach()  # for the reported loss
+            if torch.is_grad_enabled():
+                h = _AttachAux.apply(h, total, self.aux_scale)
         return h
 
     def forward(self, *args):
@@ -170,13 +174,29 @@ class PipelineModel(nn.Module):
         self._parts.append({k: v.detach() for k, v in parts.items()})
         return parts["loss"]
 
-    def schedule(self):
+    def _io_shapes(self, st: Stage, mb: int, seq: int):
+        """Example (meta) inputs and outputs of a stage, so no shape-inference forward runs
+        (it would call the loss and count experts once more than the batch has)."""
+        m, dt = self.cfg.model, self.stages[0].compute_dtype
+        # requires_grad marks which received activations get a gradient sent back
+        hidden = torch.empty(mb, seq, m.dim, dtype=dt, device="meta", requires_grad=True)
+        ins = (torch.empty(mb, seq, dtype=torch.long, device="meta"),) if st.embed is not None else (hidden, hidden)
+        if st.head is None:
+            return ins, (hidden, hidden)
+        depths = [k for k in range(len(st.mtp) + 1) if seq > k]
+        return ins, tuple(torch.empty(mb, seq - k, m.vocab_size, device="meta") for k in depths)
+
+    def schedule(self, tokens: torch.Tensor):
         if self._schedule is None:
             p = self.cfg.parallel
-            dev = next(self.parameters()).device
             n_stages = p.pp * p.stages_per_rank
             group = self.mesh.group("pp")
-            pstages = [PipelineStage(st, i, n_stages, dev, group=group) for st, i in zip(self.stages, self.stage_index)]
+            mb, seq = tokens.shape[0] // p.pp_microbatches, tokens.shape[1]
+            pstages = []
+            for st, i in zip(self.stages, self.stage_index):
+                ins, outs = self._io_shapes(st, mb, seq)
+                pstages.append(PipelineStage(st, i, n_stages, tokens.device, input_args=ins, output_args=outs,
+                                             group=group))
             cls = SCHEDULES[p.pp_schedule]
             arg = pstages[0] if p.stages_per_rank == 1 else pstages
             self._schedule = cls(arg, p.pp_microbatches, loss_fn=self._loss_fn)
@@ -190,10 +210,10 @@ class PipelineModel(nn.Module):
         """
         self._parts = []
         for st in self.stages:
-            st.counts = {}
+            st.counts, st.aux_loss = {}, 0.0
         args = (tokens,) if self.holds_first else ()
         kw = {"target": labels, "losses": []} if self.holds_last else {}
-        self.schedule().step(*args, **kw)
+        self.schedule(tokens).step(*args, **kw)
         dev = tokens.device
         keys = ("loss", "lm", "mtp", "aux")
         sums = torch.zeros(len(keys), device=dev)
@@ -201,6 +221,9 @@ class PipelineModel(nn.Module):
             for j, k in enumerate(keys):
                 if k in parts:
                     sums[j] += parts[k].float()
+        for st in self.stages:  # the balance loss never reaches the loss function: add it here
+            sums[0] += st.aux_loss
+            sums[3] += st.aux_loss
         counts = torch.zeros(self.n_moe, self.n_experts_local, device=dev)
         for st in self.stages:
             for gi, c in st.counts.items():

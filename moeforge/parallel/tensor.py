@@ -11,10 +11,13 @@ Choices:
   * MHA/GQA: ``wq``, ``wk``, ``wv`` colwise, ``wo`` rowwise.
   * Dense MLP and shared experts: ``w1``, ``w3`` colwise, ``w2`` rowwise. Routed experts
     are not split here; they scale with expert parallelism (expert.py).
-  * Embedding rowwise (vocabulary rows split, partial lookups all-reduced); head
-    colwise over the vocabulary, gathered back to full logits unless vocabulary-parallel
-    loss is on (then logits stay a vocab-sharded DTensor: wrap the loss in
-    :func:`loss_context`).
+  * Head colwise over the vocabulary, gathered back to full logits unless
+    vocabulary-parallel loss is on (then logits stay a vocab-sharded DTensor: wrap the
+    loss in :func:`loss_context`; ``lm_loss`` must then turn the replicated DTensor
+    cross-entropy into a local tensor, e.g. ``.full_tensor()``, before adding the plain
+    balance loss, or backward mixes the two). The embedding stays replicated: a rowwise (vocab-split)
+    embedding together with the colwise head failed in backward on torch 2.13 once MTP
+    reuses both ("mixed torch.Tensor and DTensor"), and it is a lookup, not a GEMM.
 - Heads per rank: modules keep the *global* head count in ``n_heads``; TP rewrites it to
   the local count so their ``view(b, s, n_heads, ...)`` reshapes local shards. This is
   training/prefill only: the absorbed MLA decode path reads ``wkv_b.weight`` whole.
@@ -98,14 +101,9 @@ def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = F
     tp, group = tp_mesh.size(), tp_mesh.get_group()
     for blk in [m for m in module.modules() if isinstance(m, Block)]:
         parallelize_module(blk, tp_mesh, block_plan(blk, tp, group))
-    top = {}
-    if getattr(module, "embed", None) is not None:
-        top["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if getattr(module, "head", None) is not None:
-        top["head"] = ColwiseParallel(output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(),
-                                      use_local_output=not vocab_parallel_loss)
-    if top:
-        parallelize_module(module, tp_mesh, top)
+        parallelize_module(module.head, tp_mesh, ColwiseParallel(
+            output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(), use_local_output=not vocab_parallel_loss))
     return module
 
 
