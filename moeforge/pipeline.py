@@ -91,6 +91,59 @@ def stage_pretrain(ctx: Context) -> dict[str, Any]:
     return _train_summary(res)
 
 
+def stage_sft(ctx: Context) -> dict[str, Any]:
+    from moeforge.train.sft import sft
+
+    cfg = ctx.stage_cfg("sft")
+    cfg.sft.run_name = "sft"
+    return _train_summary(sft(cfg, ctx.checkpoint_of("pretrain"), _resume_arg(ctx.stage_dir("sft"))))
+
+
+def _labelled_pairs(ctx: Context) -> Path | None:
+    """Preference pairs exported from `moeforge label` when people have labelled some."""
+    from moeforge.feedback import export_pairs
+
+    db = Path(ctx.cfg.train.out_dir) / "feedback.db"
+    if not db.is_file():
+        return None
+    out = ctx.root / "reward" / "labelled_pairs.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = export_pairs(db, out)
+    console.print(f"[reward] {n} labelled preference pairs exported from {db}")
+    return out if n >= 10 else None
+
+
+def stage_reward(ctx: Context) -> dict[str, Any]:
+    from moeforge.train.reward import train_reward
+
+    cfg = ctx.stage_cfg("reward")
+    cfg.reward.run_name = "reward"
+    res = train_reward(cfg, ctx.checkpoint_of("sft"), _labelled_pairs(ctx), _resume_arg(ctx.stage_dir("reward")))
+    return _train_summary(res)
+
+
+def stage_grpo(ctx: Context) -> dict[str, Any]:
+    from moeforge.train.grpo import grpo
+
+    cfg = ctx.stage_cfg("grpo")
+    cfg.grpo.run_name = "grpo"
+    rm = ctx.checkpoint_of("reward") if cfg.grpo.reward_model_weight > 0 else None
+    return _train_summary(grpo(cfg, ctx.checkpoint_of("sft"), rm, _resume_arg(ctx.stage_dir("grpo"))))
+
+
+def stage_eval(ctx: Context) -> dict[str, Any]:
+    from moeforge.evaluate import evaluate_checkpoints
+
+    cks = {name: ctx.checkpoint_of(name) for name in ("pretrain", "sft", "grpo") if name in ctx.summaries}
+    result = evaluate_checkpoints(ctx.cfg, cks)
+    out = ctx.stage_dir("eval") / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for stage, acc in result["accuracy"].items():
+        console.print(f"[eval] after {stage}: accuracy {acc['accuracy']:.2%}, format {acc['format']:.2%}")
+    return {**result, "outputs": [str(out)]}
+
+
 def _train_summary(res) -> dict[str, Any]:
     if res.status != "done":
         raise KeyboardInterrupt
@@ -109,6 +162,10 @@ def stage_report(ctx: Context) -> dict[str, Any]:
 STAGES: list[Stage] = [
     Stage("data", 0.10, stage_data, "built-in corpus -> clean -> dedup -> tokenizer -> shards"),
     Stage("pretrain", 0.50, stage_pretrain, "pretrain the MoE (FP8 when fp8.enabled)"),
+    Stage("sft", 0.12, stage_sft, "supervised fine-tuning on chat conversations"),
+    Stage("reward", 0.08, stage_reward, "reward model on preference pairs"),
+    Stage("grpo", 0.15, stage_grpo, "GRPO with verifiable rewards"),
+    Stage("eval", 0.04, stage_eval, "held-out accuracy after each stage, samples"),
     Stage("report", 0.01, stage_report, "write report.md and report.html"),
 ]
 
