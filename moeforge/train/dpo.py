@@ -80,7 +80,9 @@ class DPOStage:
                 self.order = self._order(self.epoch)
             take.append(self.train_pairs[self.order[self.pos]])
             self.pos += 1
-        return self.batch_of(take)
+        batch = self.batch_of(take)
+        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
+        return batch
 
     def _loss(self, model, batch):
         pi, out = sequence_logprobs(model, batch)

@@ -219,7 +219,9 @@ class GRPOStage:
         while len(self.buffer) <= k % n_micro:  # new rollouts (or refilled after a resume)
             self.buffer.append(self.rollout())
         self.calls += 1
-        return self.buffer[k % n_micro]
+        batch = self.buffer[k % n_micro]
+        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
+        return batch
 
     def loss(self, model, batch: dict, step: int) -> dict[str, torch.Tensor]:
         logp, out = token_logprobs(model, batch["tokens"])

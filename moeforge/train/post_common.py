@@ -373,6 +373,16 @@ def evaluate_now(model: nn.Module, stage) -> dict[str, float]:
     return evaluate(model, stage)
 
 
+def _final_eval(run_dir: Path, step: int) -> dict[str, float] | None:
+    """The loop's own evaluation at the last step, when it made one (no need to repeat it)."""
+    from moeforge.train.metrics import read_records
+
+    evals = [r for r in read_records(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    if evals and evals[-1].get("step") == step:
+        return {k: v for k, v in evals[-1].items() if k not in ("kind", "step")}
+    return None
+
+
 def run_post_stage(name: str, cfg: Config, model: nn.Module, stage, run_dir: Path, resume: Path | None,
                    info: dict[str, Any], derive: Callable[[dict | None, dict], dict] | None = None):
     """Eval before, the shared loop, eval after; ``summary.json`` in the run dir; the TrainResult.
@@ -386,7 +396,7 @@ def run_post_stage(name: str, cfg: Config, model: nn.Module, stage, run_dir: Pat
     before = evaluate_now(model, stage) if resume is None else None
     t_eval = time.perf_counter() - t0
     result = train(model, stage, cfg, run_dir, resume=resume)
-    after = evaluate_now(model, stage)
+    after = _final_eval(run_dir, result.step) or evaluate_now(model, stage)
     summary = {"stage": name, **info, "status": result.status, "steps": result.step,
                "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                "eval_before": before, "eval_after": after, "train": result.summary, "eval_s": t_eval}

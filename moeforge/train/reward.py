@@ -130,7 +130,9 @@ class RewardStage:
                 self.order = self._order(self.epoch)
             take.append(self.train_pairs[self.order[self.pos]])
             self.pos += 1
-        return self.batch_of(take)
+        batch = self.batch_of(take)
+        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
+        return batch
 
     def _forward(self, model, batch):
         score, crit, out = model(batch["tokens"], batch["lengths"])
