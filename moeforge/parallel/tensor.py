@@ -27,8 +27,8 @@ Choices:
   needs no such fix: ``wkv_b``'s colwise input already reduces its gradient.
 - Every other tensor between sub-layers is a plain replicated tensor
   (``use_local_output=True``), so residual adds, RMSNorm and the MoE router need no
-  DTensor awareness. Sequence parallelism is not applied (see the report in pipeline
-  of work: norms are a small share of activations at these sizes).
+  DTensor awareness. Sequence parallelism (norms on sequence shards) is not implemented
+  yet: it would turn the residual stream into DTensors through MLA and the MoE router.
 """
 
 from __future__ import annotations
