@@ -58,3 +58,18 @@ def test_dialogue_schema():
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
         assert all(m["role"] != "system" for m in msgs[1:])
+
+
+def test_easy_level_is_one_small_operation_and_checkable():
+    import random as _random
+
+    from moeforge.data.synthetic import check_answer, make_math_document, make_math_problem
+
+    rng = _random.Random(0)
+    for _ in range(200):
+        prompt, ans = make_math_problem(rng, "easy")
+        a, op, b = prompt.removeprefix("What is ").removesuffix("?").split()
+        want = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert int(ans) == want and 0 <= want <= 81 and max(int(a), int(b)) <= 20
+        assert check_answer(f"The answer is {ans}.", ans)
+    assert "The answer is" in make_math_document(rng, "easy")

@@ -60,7 +60,7 @@ def module_docstrings(path: Path, root: Path) -> tuple[str, str] | None:
     return (mod, "\n\n".join(dict.fromkeys(parts))) if parts else None
 
 
-def build_builtin(raw_dir: Path, total_mb: float, seed: int) -> dict:
+def build_builtin(raw_dir: Path, total_mb: float, seed: int, math_level: str = "standard") -> dict:
     """Write ``raw/<domain>.jsonl`` (+ ``sft.jsonl``, ``math_eval.jsonl`` beside raw/); return stats."""
     rng = random.Random(seed)
     budget = {d: int(total_mb * share * 1e6) for d, share in SHARES.items()}
@@ -106,20 +106,20 @@ def build_builtin(raw_dir: Path, total_mb: float, seed: int) -> dict:
 
     i = 0
     while size["math"] < budget["math"]:
-        add("math", make_math_document(rng), f"math/{i}")
+        add("math", make_math_document(rng, math_level), f"math/{i}")
         i += 1
     i = 0
     while size["dialogue"] < budget["dialogue"]:
-        add("dialogue", render_chat(make_dialogue(rng, facts)["messages"], bos=False), f"dialogue/{i}")
+        add("dialogue", render_chat(make_dialogue(rng, facts, math_level)["messages"], bos=False), f"dialogue/{i}")
         i += 1
 
     for d, ds in docs.items():
         write_jsonl(raw_dir / f"{d}.jsonl", ds)
     # held-out data for later stages, from a separate stream so pretraining never sees it
     held = random.Random(seed + 1)
-    sft = [make_dialogue(held, facts) for _ in range(N_SFT)]
+    sft = [make_dialogue(held, facts, math_level) for _ in range(N_SFT)]
     write_jsonl(raw_dir.parent / "sft.jsonl", sft)
-    evals = [dict(zip(("prompt", "answer"), make_math_problem(held))) for _ in range(N_MATH_EVAL)]
+    evals = [dict(zip(("prompt", "answer"), make_math_problem(held, math_level))) for _ in range(N_MATH_EVAL)]
     write_jsonl(raw_dir.parent / "math_eval.jsonl", evals)
     return {"domains": {d: {"documents": len(docs[d]), "bytes": size[d]} for d in SHARES},
             "stdlib": str(root), "sft_conversations": N_SFT, "math_eval_problems": N_MATH_EVAL}

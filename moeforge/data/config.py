@@ -67,6 +67,7 @@ class DataConfig:
     minhash_buckets: int = 14
     minhash_rows: int = 8
     # tokenizer
+    math_level: str = "standard"  # generated math: "standard" (multi-step, word problems) | "easy" (one operation)
     vocab_size: int = 8192
     tokenizer_sample_mb: float = 8.0  # text sampled from the mix to train BPE on
     # shards
@@ -77,6 +78,8 @@ class DataConfig:
         _require(bool(self.data_dir), "data.data_dir must not be empty")
         _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         _require(self.builtin_mb > 0, f"data.builtin_mb must be > 0, got {self.builtin_mb}")
+        _require(self.math_level in ("easy", "standard"),
+                 f"data.math_level must be 'easy' or 'standard', got {self.math_level!r}")
         for i, s in enumerate(self.sources):
             where = f"data.sources[{i}]"
             unknown = set(s) - SOURCE_KEYS

@@ -84,7 +84,7 @@ def build_clean(cfg) -> tuple[list[Path], dict, dict, list[dict], dict]:
         raw = work / "raw"
         done = work / "builtin.json"
         if not done.is_file():
-            builtin = build_builtin(raw, dcfg.builtin_mb, dcfg.seed)
+            builtin = build_builtin(raw, dcfg.builtin_mb, dcfg.seed, dcfg.math_level)
             done.write_text(json.dumps(builtin))
         builtin = json.loads(done.read_text())
         specs = builtin_sources(raw)

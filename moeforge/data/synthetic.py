@@ -46,6 +46,30 @@ def _arith(rng: random.Random) -> tuple[str, str, int]:
     return f"Calculate {a} - {b} + {c}.", f"{a} - {b} = {a - b}, then {a - b} + {c} = {a - b + c}.", a - b + c
 
 
+def _easy(rng: random.Random) -> tuple[str, str, int]:
+    """One operation on small numbers: within reach of the tiny CPU preset, so that the
+    demo pipeline's SFT and GRPO stages have a learnable verifiable task."""
+    form = rng.randrange(3)
+    if form == 0:
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
+    if form == 1:
+        a = rng.randint(0, 20)
+        b = rng.randint(0, a)
+        return f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", a - b
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", a * b
+
+
+MATH_LEVELS = ("easy", "standard")
+
+
+def _pick(rng: random.Random, level: str):
+    if level == "easy":
+        return _easy
+    return _arith if rng.random() < 0.5 else _word
+
+
 def _word(rng: random.Random) -> tuple[str, str, int]:
     """A short word problem whose answer is an integer by construction."""
     n1, n2 = rng.sample(NAMES, 2)
@@ -73,17 +97,17 @@ def _word(rng: random.Random) -> tuple[str, str, int]:
             f"Distance is speed times time: {speed} * {hours} = {ans}.", ans)
 
 
-def make_math_problem(rng: random.Random) -> tuple[str, str]:
-    """Return ``(prompt, answer)``; answer is the integer as a string."""
-    prompt, _, ans = (_arith if rng.random() < 0.5 else _word)(rng)
+def make_math_problem(rng: random.Random, level: str = "standard") -> tuple[str, str]:
+    """Return ``(prompt, answer)``; answer is the integer as a string. ``level``: MATH_LEVELS."""
+    prompt, _, ans = _pick(rng, level)(rng)
     return prompt, str(ans)
 
 
-def make_math_document(rng: random.Random) -> str:
+def make_math_document(rng: random.Random, level: str = "standard") -> str:
     """A pretraining document: a few problems with worked solutions."""
     parts = []
     for _ in range(rng.randint(3, 6)):
-        prompt, steps, ans = (_arith if rng.random() < 0.5 else _word)(rng)
+        prompt, steps, ans = _pick(rng, level)(rng)
         parts.append(f"Problem: {prompt}\nSolution: {steps} The answer is {ans}.")
     return "\n\n".join(parts)
 
@@ -119,12 +143,12 @@ WORDS = ["river", "python", "garden", "lantern", "orbit", "pencil", "harbor", "m
          "thunder", "window", "compass", "ember", "glacier", "puzzle", "saddle", "trumpet", "velvet", "walnut"]
 
 
-def _turn(rng: random.Random, facts: list[tuple[str, str]]) -> tuple[str, str]:
+def _turn(rng: random.Random, facts: list[tuple[str, str]], level: str = "standard") -> tuple[str, str]:
     """One (user, assistant) exchange from a handful of checkable task templates."""
     kind = rng.randrange(6 if facts else 5)
     w = rng.choice(WORDS)
     if kind == 0:
-        prompt, ans = make_math_problem(rng)
+        prompt, ans = make_math_problem(rng, level)
         return prompt, f"The answer is {ans}."
     if kind == 1:
         return f"Spell the word '{w}' backwards.", f"'{w}' backwards is '{w[::-1]}'."
@@ -139,13 +163,13 @@ def _turn(rng: random.Random, facts: list[tuple[str, str]]) -> tuple[str, str]:
     return f"What does the Python module `{name}` do?", f"The `{name}` module: {summary}"
 
 
-def make_dialogue(rng: random.Random, facts: list[tuple[str, str]] | None = None) -> dict:
+def make_dialogue(rng: random.Random, facts: list[tuple[str, str]] | None = None, level: str = "standard") -> dict:
     """A conversation in the schema above: optional system prompt, 1-3 user/assistant turns."""
     messages = []
     if rng.random() < 0.5:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for _ in range(rng.randint(1, 3)):
-        user, assistant = _turn(rng, facts or [])
+        user, assistant = _turn(rng, facts or [], level)
         messages.append({"role": "user", "content": user})
         messages.append({"role": "assistant", "content": assistant})
     return {"messages": messages}

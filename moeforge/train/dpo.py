@@ -123,7 +123,8 @@ def dpo(cfg: Config, init: Path | str | None = None, pairs: Path | str | None = 
     cfg, init_path = prepare_post(cfg, "dpo", init)
     run_dir, resume_path = open_run(cfg, resume)
     tok = load_tokenizer_for(cfg)
-    raw, source, n_bad = pairs_source(pairs or cfg.dpo.pairs or None, cfg.dpo.generated_pairs, cfg.data.seed)
+    raw, source, n_bad = pairs_source(pairs or cfg.dpo.pairs or None, cfg.dpo.generated_pairs, cfg.data.seed,
+                                     cfg.data.math_level)
     encoded, too_long = encode_pairs(tok, raw, cfg.train.seq_len)
     train_pairs, val_pairs = split_holdout(encoded, cfg.dpo.val_fraction, cfg.train.seed)
     device = pick_device(cfg.train.device)

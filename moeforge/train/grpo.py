@@ -119,7 +119,7 @@ class GRPOStage:
         if self.prompts is None:
             from moeforge.data.synthetic import make_math_problem
 
-            return dict(zip(("prompt", "answer"), make_math_problem(self.prompt_rng)))
+            return dict(zip(("prompt", "answer"), make_math_problem(self.prompt_rng, self.cfg.data.math_level)))
         if not self.order:
             self.order = list(range(len(self.prompts)))
             self.prompt_rng.shuffle(self.order)

@@ -213,7 +213,7 @@ def load_pairs(path: str | Path) -> tuple[list[dict], list[str]]:
     return read_jsonl(path, _parse_pair, "preference pairs")
 
 
-def math_pairs(n: int, seed: int) -> list[dict]:
+def math_pairs(n: int, seed: int, level: str = "standard") -> list[dict]:
     """``n`` pairs from the verifiable math domain: the correct answer is chosen over a wrong one.
 
     Wrong answers, in equal shares: a nearby wrong number, a number copied from the
@@ -224,7 +224,7 @@ def math_pairs(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        prompt, ans = make_math_problem(rng)
+        prompt, ans = make_math_problem(rng, level)
         a = int(ans)
         kind = rng.randrange(3)
         if kind == 0:
@@ -238,12 +238,13 @@ def math_pairs(n: int, seed: int) -> list[dict]:
     return out
 
 
-def pairs_source(path: str | Path | None, n_generated: int, seed: int) -> tuple[list[dict], str, int]:
+def pairs_source(path: str | Path | None, n_generated: int, seed: int,
+                 level: str = "standard") -> tuple[list[dict], str, int]:
     """(pairs, description, invalid lines): the export when given, else generated math pairs."""
     if path:
         pairs, bad = load_pairs(path)
         return pairs, f"preference pairs from {path}", len(bad)
-    return math_pairs(n_generated, seed), f"{n_generated} pairs generated from the verifiable math domain", 0
+    return math_pairs(n_generated, seed, level), f"{n_generated} pairs generated from the verifiable math domain", 0
 
 
 def encode_pairs(tok, pairs: list[dict], max_len: int) -> tuple[list[dict], int]:
@@ -324,7 +325,7 @@ def math_eval_problems(cfg: Config, n: int) -> list[dict]:
     from moeforge.data.synthetic import make_math_problem
 
     rng = random.Random(cfg.data.seed + 7919)  # not the SFT or GRPO stream
-    return [dict(zip(("prompt", "answer"), make_math_problem(rng))) for _ in range(n)]
+    return [dict(zip(("prompt", "answer"), make_math_problem(rng, cfg.data.math_level))) for _ in range(n)]
 
 
 def decode_answer(tok, tokens: list[int]) -> str:

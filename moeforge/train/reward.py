@@ -181,7 +181,8 @@ def train_reward(cfg: Config, init: Path | str | None = None, pairs: Path | str 
     cfg, init_path = prepare_post(cfg, "reward", init)
     run_dir, resume_path = open_run(cfg, resume)
     tok = load_tokenizer_for(cfg)
-    raw, source, n_bad = pairs_source(pairs or cfg.reward.pairs or None, cfg.reward.generated_pairs, cfg.data.seed)
+    raw, source, n_bad = pairs_source(pairs or cfg.reward.pairs or None, cfg.reward.generated_pairs,
+                                     cfg.data.seed, cfg.data.math_level)
     encoded, too_long = encode_pairs(tok, raw, cfg.train.seq_len)
     train_pairs, val_pairs = split_holdout(encoded, cfg.reward.val_fraction, cfg.train.seed)
     device = pick_device(cfg.train.device)

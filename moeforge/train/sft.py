@@ -64,14 +64,14 @@ def parse_conversation(obj: Any) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def math_conversations(n: int, seed: int) -> list[list[dict]]:
+def math_conversations(n: int, seed: int, level: str = "standard") -> list[list[dict]]:
     """Problem -> "The answer is N." turns from the verifiable math domain (the GRPO format)."""
     from moeforge.data.synthetic import make_math_problem
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        prompt, ans = make_math_problem(rng)
+        prompt, ans = make_math_problem(rng, level)
         out.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": f"The answer is {ans}."}])
     return out
 
@@ -102,7 +102,8 @@ def load_conversations(cfg: Config) -> tuple[list[list[dict]], str, int]:
     """(conversations, where they came from, invalid lines skipped)."""
     src = cfg.sft.data
     if src == "builtin:math":
-        return math_conversations(BUILTIN_MATH_CONVERSATIONS, cfg.data.seed), "builtin:math (generated)", 0
+        convs = math_conversations(BUILTIN_MATH_CONVERSATIONS, cfg.data.seed, cfg.data.math_level)
+        return convs, "builtin:math (generated)", 0
     if src == "builtin:code":
         convs = code_conversations(BUILTIN_CODE_CONVERSATIONS, cfg.data.seed)
         if len(convs) < 2:
