@@ -23,7 +23,10 @@ IGNORE = -100
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over [B, S, V] logits and [B, S] labels, ignoring IGNORE positions."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction=reduction)
+    # under a vocabulary-parallel loss (tensor parallelism) the result is a replicated DTensor;
+    # make it a plain tensor so the other loss parts can be added to it
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
 def lm_loss(out: ModelOutput, labels: torch.Tensor, cfg: ModelConfig, mtp_lambda: float | None = None) -> dict[str, torch.Tensor]:
