@@ -69,7 +69,37 @@ def read_manifest(data_dir: str | Path) -> dict:
     for key in ("vocab_size", "dtype", "splits", "tokenizer"):
         if key not in m:
             raise UserError(f"{path}: manifest is missing {key!r}")
+    _check_structure(path, m)
     return m
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_structure(path: Path, m: dict) -> None:
+    """The types of everything the loaders index, so a hand-edited manifest fails in one line."""
+    def bad(where: str, what: str) -> UserError:
+        return UserError(f"{path}: manifest {where} {what}")
+
+    if not _is_count(m["vocab_size"]) or m["vocab_size"] == 0:
+        raise bad("vocab_size", f"must be a positive integer, got {m['vocab_size']!r:.60}")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise bad("dtype", f"must be 'uint16' or 'uint32', got {m['dtype']!r:.60}")
+    tok = m["tokenizer"]
+    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), str) for k in ("file", "sha256")):
+        raise bad("tokenizer", "must be a table with string 'file' and 'sha256'")
+    if not isinstance(m["splits"], dict):
+        raise bad("splits", "must be a table of splits")
+    for name, split in m["splits"].items():
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            raise bad(f"splits.{name}", "must be a table with a list of 'shards'")
+        for i, e in enumerate(split["shards"]):
+            f = e.get("file") if isinstance(e, dict) else None
+            # shards live in data_dir: a path elsewhere (../, /etc/...) is refused, not read
+            if not (isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f and _is_count(e.get("tokens"))
+                    and isinstance(e.get("sha256"), str)):
+                raise bad(f"splits.{name}.shards[{i}]", "needs a plain 'file' name, an integer 'tokens' and a 'sha256'")
 
 
 def verify_shard(data_dir: Path, entry: dict, dtype: str, checksum: bool = True) -> Path:

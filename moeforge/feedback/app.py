@@ -172,7 +172,8 @@ class PairSource:
 def create_app(db_path: str | Path, answer_fn: AnswerFn, prompts: list[str] | None = None, source: str = ""):
     """The FastAPI application over the database at ``db_path``."""
     from fastapi import Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
 
@@ -192,6 +193,14 @@ def create_app(db_path: str | Path, answer_fn: AnswerFn, prompts: list[str] | No
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's own 422 echoes the input back; a NaN, 1e400 or lone surrogate in it cannot be
+        # encoded and turned the 422 into a 500. Name the problem without the input, ASCII-escaped.
+        detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        return Response(json.dumps({"detail": detail}), status_code=422, media_type="application/json")
 
     def labeller(cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
         row = db.labeller_for_token(cred.credentials) if cred and len(cred.credentials) <= 200 else None

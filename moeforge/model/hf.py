@@ -201,16 +201,22 @@ class _Tensors:
         if p.is_file():
             files = [p]
         elif (p / INDEX).is_file():
-            index = json.loads((p / INDEX).read_text())
-            return cls({k: p / f for k, f in index["weight_map"].items()}, label=str(p))
+            try:
+                index = json.loads((p / INDEX).read_text())
+                return cls({k: p / f for k, f in index["weight_map"].items()}, label=str(p))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{p / INDEX}: not a safetensors index ({type(e).__name__}: {e})") from None
         else:
             files = sorted(p.glob("*.safetensors"))
         if not files:
             raise UserError(f"{p}: no safetensors weights found")
         out = {}
         for f in files:
-            with safe_open(f, "pt") as h:
-                out.update({k: f for k in h.keys()})
+            try:  # a pickle (.bin/.pt) renamed to .safetensors is refused here, never unpickled
+                with safe_open(f, "pt") as h:
+                    out.update({k: f for k in h.keys()})
+            except Exception as e:  # SafetensorError, OSError
+                raise UserError(f"{f}: cannot read safetensors ({e})") from None
         return cls(out, label=str(p))
 
     def keys(self) -> set[str]:
