@@ -107,3 +107,63 @@ def test_bf16_input_and_output():
     q = quantize(x)
     assert torch.equal(q.scale, quantize(x.float()).scale)
     assert dequantize(q, torch.bfloat16).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- fast CPU path
+def plain_quantize(x: torch.Tensor, block):
+    """The convention in the fewest words: zero-pad to whole tiles, one amax per tile,
+    fp32 divide, clamp, cast (the implementation avoids the padding and the clamp pass)."""
+    br, bc = block
+    r, c = x.shape[-2:]
+    xp = torch.nn.functional.pad(x.float(), (0, -c % bc, 0, -r % br))
+    xb = xp.unflatten(-1, (-1, bc)).unflatten(-3, (-1, br))
+    s = xb.abs().amax(dim=(-3, -1)).clamp_min(1e-12) / E4M3_MAX
+    q = (xb / s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-4, -3).flatten(-2, -1)[..., :r, :c], s
+
+
+@pytest.mark.parametrize("shape", [(70, 300), (256, 512), (3, 130, 200), (129, 1), (1, 129), (5, 3)])
+@pytest.mark.parametrize("block", BLOCKS + [(4, 8)], ids=["1x128", "128x128", "128x1", "4x8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_bit_identical_to_plain_transcription(shape, block, dtype):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=g) * torch.logspace(-6, 5, shape[-1])).to(dtype)
+    x0 = x.clone()
+    q = quantize(x, block)
+    pq, ps = plain_quantize(x, block)
+    assert torch.equal(x, x0)  # the input is never modified
+    assert torch.equal(q.scale, ps)
+    assert torch.equal(q.data.view(torch.uint8), pq.view(torch.uint8))
+    for out in (torch.float32, torch.bfloat16):
+        s_full = ps.repeat_interleave(block[0], -2)[..., :shape[-2], :]
+        s_full = s_full.repeat_interleave(block[1], -1)[..., :shape[-1]]
+        expect = (pq.float() * s_full).to(out)
+        assert torch.equal(dequantize(q, out), expect)
+        assert torch.equal(dequantize(q.t(), out), expect.transpose(-2, -1))
+
+
+def test_integer_decode_of_every_e4m3_code():
+    from moeforge.fp8.quant import _decode_f16
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ref = codes.float()
+    got = _decode_f16(codes).float() * 256
+    finite = ~ref.isnan()
+    assert torch.equal(got[finite], ref[finite])  # zeros, subnormals, normals, both signs
+
+
+def test_quantize_many_shares_work_not_results():
+    from moeforge.fp8.quant import quantize_many
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(300, 200).to(dtype)
+        x0 = x.clone()
+        many = quantize_many(x, ((1, 128), (128, 1)))
+        assert torch.equal(x, x0)
+        for block, q in zip(((1, 128), (128, 1)), many):
+            one = quantize(x, block)
+            assert torch.equal(q.scale, one.scale) and torch.equal(q.data.view(torch.uint8), one.data.view(torch.uint8))
+    x = torch.randn(300, 200)
+    ref = quantize(x, (128, 1))
+    (q,) = quantize_many(x, ((128, 1),), overwrite=True)  # the Wgrad re-tiling owns its input
+    assert torch.equal(q.data.view(torch.uint8), ref.data.view(torch.uint8))

@@ -27,13 +27,14 @@ Choices:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
-from moeforge.fp8.quant import Fp8Tensor, quantize
+from moeforge.fp8.quant import Fp8Tensor, dequantize, quantize, quantize_many
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,31 @@ class Fp8Ops:
                    torch.bfloat16 if cfg.cpu_gemm_dtype == "bf16" else torch.float32,
                    on_cuda and cfg.backend in ("auto", "triton"))
 
+    def _block(self, tile: str) -> tuple[int, int]:
+        return {"row": (1, self.block), "col": (self.block, 1), "block": (self.block, self.block)}[tile]
+
     def quantize(self, x: torch.Tensor, tile: str) -> Fp8Tensor:
         """``tile`` is 'row' (1xB), 'col' (Bx1) or 'block' (BxB)."""
-        block = {"row": (1, self.block), "col": (self.block, 1), "block": (self.block, self.block)}[tile]
         if self.use_triton:
             from moeforge.fp8 import kernels
-            return kernels.quantize(x, block, eps=self.eps, power_of_2=self.power_of_2)
-        return quantize(x, block, eps=self.eps, power_of_2=self.power_of_2)
+            return kernels.quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
+        return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
+
+    def quantize_many(self, x: torch.Tensor, tiles: tuple[str, ...]) -> list[Fp8Tensor]:
+        """``x`` in several tilings; on CPU they share the FP32 copy and ``|x|``."""
+        if self.use_triton:
+            return [self.quantize(x, t) for t in tiles]
+        return quantize_many(x, tuple(self._block(t) for t in tiles), eps=self.eps, power_of_2=self.power_of_2)
+
+    def retile(self, xq: Fp8Tensor, tile: str, pad: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Fp8Tensor:
+        """Dequantize to FP32 (then ``pad``) and quantize again in ``tile``: V3's Wgrad
+        re-tiling of x. On CPU that FP32 tensor is ours, so it is divided in place."""
+        x = xq.dequantize(torch.float32)
+        if pad is not None:
+            x = pad(x)
+        if self.use_triton:
+            return self.quantize(x, tile)
+        return quantize_many(x, (self._block(tile),), eps=self.eps, power_of_2=self.power_of_2, overwrite=True)[0]
 
     def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``A @ B.T``."""
@@ -107,6 +126,17 @@ def _expert(w: Fp8Tensor, g: int) -> Fp8Tensor:
     return Fp8Tensor(w.data[g], w.scale[g], w.block)
 
 
+def _grad_operands(ops: Fp8Ops, dy: torch.Tensor, dy_col: torch.Tensor, need_x: bool,
+                   need_w: bool) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
+    """The output gradient tiled 1x128 for Dgrad (``dy``) and 128x1 for Wgrad (``dy_col``,
+    the same tensor or its expert-padded copy), each only if needed; one quantization
+    pass serves both when they are the same tensor."""
+    if need_x and need_w and dy_col is dy:
+        row, col = ops.quantize_many(dy, ("row", "col"))
+        return row, col
+    return (ops.quantize(dy, "row") if need_x else None), (ops.quantize(dy_col, "col") if need_w else None)
+
+
 # ----------------------------------------------------------------------------- dense linear
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
@@ -124,12 +154,13 @@ class _Fp8LinearFn(torch.autograd.Function):
         xd, xs, wd, ws = ctx.saved_tensors
         xq, wq = Fp8Tensor(xd, xs, (1, ops.block)), Fp8Tensor(wd, ws, (ops.block, ops.block))
         dy2 = dy.reshape(-1, dy.shape[-1])
+        dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = ops.gemm(ops.quantize(dy2, "row"), wq.t(), dy.dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            x_col = ops.quantize(xq.dequantize(torch.float32), "col")  # re-tile 1x128 -> 128x1
-            dw = ops.gemm(ops.quantize(dy2, "col").t(), x_col.t(), ctx.w_dtype)
+        if dy_row is not None:
+            dx = ops.gemm(dy_row, wq.t(), dy.dtype).reshape(ctx.x_shape)
+        if dy_col is not None:
+            x_col = ops.retile(xq, "col")  # 1x128 -> 128x1
+            dw = ops.gemm(dy_col.t(), x_col.t(), ctx.w_dtype)
         return dx, dw, None
 
 
@@ -179,14 +210,16 @@ class _Fp8GroupedFn(torch.autograd.Function):
         ops, b, n_used = ctx.ops, ctx.ops.block, ctx.n_used
         xd, xs, wd, ws, idx = ctx.saved_tensors
         xq, wq = Fp8Tensor(xd, xs, (1, b)), Fp8Tensor(wd, ws, (b, b))
+        padded = [-(-c // b) * b for c in n_used]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dy_p = _pad_segments(dy, n_used, padded) if need_w else dy
+        dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_x, need_w)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = ops.grouped_gemm(ops.quantize(dy, "row"), wq.t(), n_used, dy.dtype)
-        if ctx.needs_input_grad[1]:
-            padded = [-(-c // b) * b for c in n_used]
-            dy_p, x_p = _pad_segments(dy, n_used, padded), _pad_segments(xq.dequantize(torch.float32), n_used, padded)
-            dw_used = ops.grouped_gemm(ops.quantize(dy_p, "col").t(), ops.quantize(x_p, "col").t(),
-                                       padded, ctx.w_dtype, k_grouped=True)
+        if need_x:
+            dx = ops.grouped_gemm(dy_row, wq.t(), n_used, dy.dtype)
+        if need_w:
+            x_col = ops.retile(xq, "col", lambda x: _pad_segments(x, n_used, padded))
+            dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, ctx.w_dtype, k_grouped=True)
             if len(n_used) == ctx.w_shape[0]:
                 dw = dw_used
             else:

@@ -9,9 +9,9 @@ Convention (DeepSeek-V3 ``inference/kernel.py``, TR section 3.3):
 - optional power-of-2 scales (the "ue8m0" format): ``s = 2 ** ceil(log2(s))``, rounded up
   so ``|x / s| <= 448`` still holds; then ``x / s`` is exact and the only rounding is the
   cast to E4M3;
-- ``x / s`` is clamped to [-448, 448] before the cast. The CPU cast saturates anyway, but
-  the CUDA cast turns overflow into NaN, and ``amax / (amax / 448)`` may round to a hair
-  above 448.
+- ``x / s`` must land in [-448, 448] (``amax / (amax / 448)`` may round to a hair above
+  448). On CPU the cast to e4m3fn saturates, so no clamp pass is spent here; the Triton
+  kernels clamp explicitly because the CUDA cast turns overflow into NaN.
 
 Choices:
 
@@ -19,10 +19,17 @@ Choices:
   (activations, output gradients), ``(128, 128)`` a weight block, ``(128, 1)`` a column of
   128 tokens (the Wgrad re-tiling). Leading dimensions are batch (experts' weights
   ``[E, out, in]`` are quantized per expert).
-- Sizes that are not multiples of the block are padded with zeros for the amax (zeros
-  never raise it) and cropped afterwards, so a partial tile is simply a smaller tile.
-- No Python loop over tiles: the tensor is viewed as ``[..., R/br, br, C/bc, bc]`` and the
-  amax is one reduction.
+- No Python loop over tiles and no padded copies: the tensor is split into at most four
+  rectangles of equal tiles (the whole tiles, the partial last tile column, the partial
+  last tile row, their corner), each viewed without a copy as ``[..., n_r, h, n_c, w]``, so
+  each amax is one reduction and a partial tile is simply a smaller tile.
+- CPU speed (at the tiny preset's sizes every pass over an activation costs about as much
+  as its GEMM): the division is FP32 in place on a private FP32 copy (mixed-dtype
+  elementwise ops are several times slower on CPU), ``|x|`` and that copy are shared when
+  one tensor is tiled two ways (:func:`quantize_many`), and dequantization decodes E4M3 by
+  integer ops (:func:`_decode_f16`) because torch's e4m3fn -> float cast is scalar.
+  All of it is bit-identical to the plain ``(x.float() / s).clamp(...).to(e4m3fn)`` and
+  ``q.float() * s`` (checked in ``tests/test_fp8_quant.py``).
 - ``eps`` defaults to 1e-12, not V3's inference value 1e-4: output gradients of a mean
   loss are routinely far below 1e-4, and a floor of 1e-4/448 would push them into E4M3's
   subnormals. ``eps`` only matters for all-zero (or nearly) tiles.
@@ -33,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -75,47 +81,103 @@ def scales_from_amax(amax: torch.Tensor, eps: float = DEFAULT_EPS,
     return s
 
 
-def _blocked(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
-    """View ``[..., R, C]`` as ``[..., R/br, br, C/bc, bc]``, zero-padding partial tiles."""
-    r, c = x.shape[-2:]
-    pr, pc = (-r) % br, (-c) % bc
-    if pr or pc:
-        x = F.pad(x, (0, pc, 0, pr))
-    return x.reshape(*x.shape[:-2], (r + pr) // br, br, (c + pc) // bc, bc)
+Region = tuple[int, int, int, int, int, int]  # rows r0:r1 in tiles of h, cols c0:c1 in tiles of w
 
 
-def _unblocked(xb: torch.Tensor, r: int, c: int) -> torch.Tensor:
-    """Inverse of :func:`_blocked`: back to ``[..., R, C]``, cropping the padding."""
-    *lead, nr, br, nc, bc = xb.shape
-    x = xb.reshape(*lead, nr * br, nc * bc)
-    if nr * br != r or nc * bc != c:
-        x = x[..., :r, :c].contiguous()
-    return x
+def _regions(r: int, c: int, br: int, bc: int) -> list[Region]:
+    """Split ``[R, C]`` into at most four rectangles of equal tiles: the whole ``br x bc``
+    tiles, the partial last tile column, the partial last tile row, and their corner."""
+    def spans(n: int, b: int) -> list[tuple[int, int, int]]:
+        full = n - n % b
+        return [s for s in ((0, full, b), (full, n, n - full)) if s[1] > s[0]]
+    return [(r0, r1, h, c0, c1, w) for r0, r1, h in spans(r, br) for c0, c1, w in spans(c, bc)]
+
+
+def _tiles(t: torch.Tensor, reg: Region) -> torch.Tensor:
+    """Region ``reg`` of ``t [..., R, C]`` as a view ``[..., n_r, h, n_c, w]``."""
+    r0, r1, h, c0, c1, w = reg
+    return t[..., r0:r1, c0:c1].unflatten(-1, ((c1 - c0) // w, w)).unflatten(-3, ((r1 - r0) // h, h))
+
+
+def _scale_slice(s: torch.Tensor, reg: Region, br: int, bc: int) -> torch.Tensor:
+    """The scales of region ``reg``, shaped to broadcast over :func:`_tiles`."""
+    r0, r1, h, c0, c1, w = reg
+    sv = s[..., r0 // br:r0 // br + (r1 - r0) // h, c0 // bc:c0 // bc + (c1 - c0) // w]
+    return sv[..., :, None, :, None]
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), *, eps: float = DEFAULT_EPS,
              power_of_2: bool = False) -> Fp8Tensor:
     """Quantize ``x`` ([..., R, C], any float dtype; 1-D is treated as one row) to E4M3
     with one online scale per ``block`` tile of its last two dimensions."""
+    return quantize_many(x, (block,), eps=eps, power_of_2=power_of_2)[0]
+
+
+def quantize_many(x: torch.Tensor, blocks: tuple[tuple[int, int], ...], *, eps: float = DEFAULT_EPS,
+                  power_of_2: bool = False, overwrite: bool = False) -> list[Fp8Tensor]:
+    """:func:`quantize` of one tensor in several tilings (an output gradient is needed 1x128
+    for Dgrad and 128x1 for Wgrad), sharing its FP32 copy and ``|x|``: each pass over the
+    tensor costs as much as the GEMMs at the tiny preset's sizes.
+
+    ``overwrite=True`` lets an FP32 ``x`` be divided in place (the Wgrad re-tiling owns
+    the tensor it dequantized); otherwise ``x`` is never modified.
+    """
     if x.dim() == 1:
         x = x.unsqueeze(0)
-    br, bc = block
     r, c = x.shape[-2:]
-    # fp32 arithmetic: x / s then a single rounding, at the cast to E4M3.
-    xb = _blocked(x.float(), br, bc)
-    amax = xb.abs().amax(dim=(-3, -1))
-    s = scales_from_amax(amax, eps, power_of_2)
-    q = (xb / s[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return Fp8Tensor(_unblocked(q, r, c), s, (br, bc))
+    # x / s is one FP32 division, then a single rounding at the cast to E4M3.
+    xf = x.float().contiguous()
+    mine = xf.data_ptr() != x.data_ptr() or overwrite  # a fresh copy may be divided in place
+    mag = xf.abs()
+    out = []
+    for i, (br, bc) in enumerate(blocks):
+        regions = _regions(r, c, br, bc)
+        dst = xf if mine and i == len(blocks) - 1 else torch.empty_like(xf)
+        if len(regions) == 1:  # whole tiles only: the common case, with the fewest small ops
+            s = scales_from_amax(_tiles(mag, regions[0]).amax(dim=(-3, -1)), eps, power_of_2)
+        else:
+            s = torch.empty(*x.shape[:-2], -(-r // br), -(-c // bc), dtype=torch.float32, device=x.device)
+        for reg in regions:
+            sv = _scale_slice(s, reg, br, bc)
+            if len(regions) > 1:
+                sv.copy_(scales_from_amax(_tiles(mag, reg).amax(dim=(-3, -1)), eps, power_of_2)[..., :, None, :, None])
+            torch.div(_tiles(xf, reg), sv, out=_tiles(dst, reg))
+        # No clamp: the CPU cast to e4m3fn saturates to +-448 (platform facts), which covers
+        # amax / (amax / 448) rounding a hair above 448. The Triton kernels clamp explicitly,
+        # because the CUDA cast turns overflow into NaN.
+        out.append(Fp8Tensor(dst.to(E4M3), s, (br, bc)))
+    return out
+
+
+def _decode_f16(q: torch.Tensor) -> torch.Tensor:
+    """E4M3 bits -> float16 holding exactly ``value * 2**-8``, by integer ops.
+
+    Why: the cast e4m3fn -> float is scalar on CPU (~10 ns per element, the biggest cost
+    of the FP8 step), while these four passes are vectorized. Moving E4M3's 4 exponent and
+    3 mantissa bits into float16's fields (``<< 7``; sign-extension puts the sign in bit
+    15, the mask clears the copy in bit 14) gives the same number with float16's exponent
+    bias 15 instead of 7, subnormals included. Exception: E4M3's NaN pattern decodes to
+    +-480 * 2**-8; :func:`quantize` only writes NaN into a tile whose scale is NaN or inf,
+    so the dequantized tile is non-finite either way.
+    """
+    w = q.view(torch.int8).to(torch.int16)
+    w.bitwise_left_shift_(7).bitwise_and_(-0x4080)  # -0x4080 is 0xBF80 as int16
+    return w.view(torch.float16)
 
 
 def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q * s`` per tile, computed in FP32 and rounded once to ``dtype``."""
     if q.data.dim() >= 2 and q.data.stride(-1) != 1 and q.data.stride(-2) == 1:
         return dequantize(q.t(), dtype).transpose(-2, -1)  # a transposed view: no copy
-    r, c = q.data.shape[-2:]
-    xb = _blocked(q.data.float(), *q.block)
-    return _unblocked(xb * q.scale[..., :, None, :, None], r, c).to(dtype)
+    data = q.data if q.data.dim() >= 2 else q.data.unsqueeze(0)
+    br, bc = q.block
+    # (value * 2^-8) * (s * 2^8) is value * s rounded once: both factors are exact powers
+    # of two apart, and s * 256 cannot overflow (s <= FP32 max / 448 < 2^120).
+    s = q.scale * 256.0
+    out = _decode_f16(data.contiguous()).float()
+    for reg in _regions(*data.shape[-2:], br, bc):
+        _tiles(out, reg).mul_(_scale_slice(s, reg, br, bc))
+    return out.view(q.data.shape).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), *, eps: float = DEFAULT_EPS,
