@@ -15,10 +15,16 @@ Choices:
   writes locally, which is how a sharded run is resumed or inspected on a laptop.
 - :func:`export_safetensors` writes one consolidated safetensors file of the model
   (our parameter names) from a sharded run: rank 0 writes after gathering full tensors.
+- DCP keeps its ``.metadata`` as a pickle and unpickles it unchecked, so a crafted
+  checkpoint directory could run code on load. :func:`load` first reads every
+  ``*.metadata`` with an unpickler that only builds DCP's own metadata classes (plus
+  torch sizes, dtypes and paths) and refuses anything else. Tensor data is read by DCP
+  with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -28,10 +34,48 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moeforge.errors import UserError
+
 EXPERT_KEYS = (".experts.w1", ".experts.w2", ".experts.w3")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                 *((m, c) for m in ("pathlib", "pathlib._local")  # paths pickle from pathlib._local on 3.13
+                   for c in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))}
 
 
-def _is_expert(key: str) -> bool:
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else (no functions, no foreign classes)."""
+
+    def find_class(self, module: str, name: str):
+        obj = None
+        if (module, name) in _SAFE_GLOBALS:
+            obj = super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            obj = getattr(torch, name)
+        elif module == "torch.distributed.checkpoint.metadata":
+            import torch.distributed.checkpoint.metadata as meta
+
+            obj = getattr(meta, name, None)
+            obj = obj if isinstance(obj, type) else None  # its dataclasses and enums only
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return obj
+
+
+def check_metadata(path: str | Path) -> None:
+    """Refuse a DCP directory whose metadata pickles anything but DCP metadata (UserError)."""
+    files = sorted(Path(path).glob("*.metadata"))
+    if not files:
+        raise UserError(f"{path}: not a distributed checkpoint (no .metadata file)")
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                _MetadataUnpickler(fh).load()
+        except Exception as e:  # UnpicklingError, EOFError, AttributeError, ...
+            raise UserError(f"{f}: refused as checkpoint metadata ({type(e).__name__}: {e})") from None
+
+
+def is_expert(key: str) -> bool:
     return key.endswith(EXPERT_KEYS)
 
 
@@ -53,10 +97,10 @@ def _from_global(g: DTensor, like: torch.Tensor) -> torch.Tensor:
 
 def _expert_view(msd: dict, osd: dict, mesh, fn) -> None:
     """Apply ``fn(tensor)`` in place of every expert tensor in model and optimizer state."""
-    for k in [k for k in msd if _is_expert(k)]:
+    for k in [k for k in msd if is_expert(k)]:
         msd[k] = fn(msd[k])
     for k, st in osd.get("state", {}).items():
-        if _is_expert(k):
+        if is_expert(k):
             for name, v in st.items():
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
                     st[name] = fn(v)
@@ -87,6 +131,7 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh=None,
          extra: dict | None = None) -> None:
     """Fill model (+ optimizer, + the tensors of ``extra``) from ``path``, whatever layout wrote it."""
+    check_metadata(path)
     msd, osd = _state(model, optimizer)
     ep = mesh is not None and mesh.expert is not None
     like_m = dict(msd)
@@ -101,10 +146,10 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     dcp.load(state, checkpoint_id=str(path))
     msd, osd = state["model"], state.get("optim", {})
     if ep:
-        for k in [k for k in msd if _is_expert(k)]:
+        for k in [k for k in msd if is_expert(k)]:
             msd[k] = _from_global(msd[k], like_m[k])
         for k, st in osd.get("state", {}).items():
-            if _is_expert(k):
+            if is_expert(k):
                 for name, v in st.items():
                     if isinstance(v, DTensor) and name in like_o[k]:
                         st[name] = _from_global(v, like_o[k][name])
@@ -112,6 +157,29 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
         set_state_dict(model, [], model_state_dict=msd, optim_state_dict={})
     else:
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+
+
+def _global_view(groups: dict[str, dict[str, torch.Tensor]], mesh) -> dict[str, dict[str, torch.Tensor]]:
+    if mesh is None or mesh.expert is None:
+        return {g: dict(d) for g, d in groups.items()}
+    return {g: {k: _to_global(t, mesh) if is_expert(k) else t for k, t in d.items()} for g, d in groups.items()}
+
+
+def save_named(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], mesh=None) -> None:
+    """DCP-save groups of tensors keyed by parameter name (a model's state dict, the moments
+    of an optimizer that is not a ``torch.optim.Optimizer``); all ranks call."""
+    dcp.save(_global_view(groups, mesh), checkpoint_id=str(path))
+
+
+def load_named(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], mesh=None) -> None:
+    """Fill the tensors of :func:`save_named`'s groups in place, whatever layout wrote them."""
+    check_metadata(path)
+    view = _global_view(groups, mesh)
+    dcp.load(view, checkpoint_id=str(path))  # in place: plain tensors and DTensors' local shards
+    for g, d in groups.items():
+        for k, t in d.items():
+            if view[g][k] is not t:  # an expert slice, read through its global view
+                t.copy_(_from_global(view[g][k], t))
 
 
 def export_safetensors(path: str | Path, model: nn.Module, mesh=None) -> None:

@@ -32,7 +32,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ MARKER = "COMPLETE"
 FILES = ("model.safetensors", "optimizer.safetensors")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # fields that must match between the checkpoint and the resuming config
-RESUME_FIELDS = ("train.seq_len", "train.micro_batch_size", "train.moment_dtype")
+# (the micro-batch is compared as the global one, micro_batch_size * data-parallel ranks,
+# so a dp2 run with 2 sequences per rank resumes in one process with 4, exactly)
+RESUME_FIELDS = ("train.seq_len", "train.moment_dtype")
 
 
 def step_dir_name(step: int) -> str:
@@ -104,20 +106,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- save
 def save(root: Path, step: int, model_tensors: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor],
          state: dict[str, Any], keep_last: int) -> Path:
-    """Write ``root/step_XXXXXX`` atomically and prune to the newest ``keep_last``."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write ``root/step_XXXXXX`` (the two safetensors files) atomically; prune to ``keep_last``."""
+    def write(tmp: Path) -> None:
+        for fname, tensors in zip(FILES, (model_tensors, optim_tensors)):
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
+
+    return write_step(root, step, write, state, keep_last)
+
+
+def write_step(root: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any],
+               keep_last: int) -> Path:
+    """``write_files(tmp)`` fills a fresh temporary directory; then state.json (with the
+    sha256 of every file written) and the COMPLETE marker, all synced, and one rename.
+
+    A failed write (disk full, permissions) removes its temporary directory and raises a
+    one-line UserError; the checkpoints already on disk are never touched before the rename.
+    """
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for fname, tensors in zip(FILES, (model_tensors, optim_tensors)):
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / fname))
-    state = dict(state, step=step, files={f: sha256(tmp / f) for f in FILES})
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in (*FILES, "state.json"):
-        _fsync(tmp / f)
-    (tmp / MARKER).write_text(sha256(tmp / "state.json") + "\n")
-    _fsync(tmp / MARKER)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_files(tmp)
+        _seal(tmp, dict(state, step=step))
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = getattr(e, "strerror", None) or e
+        raise UserError(f"checkpoint {final} could not be written ({why}); earlier checkpoints in {root} are "
+                        "intact: free space or fix permissions, then --resume") from None
     if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
         old = root / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -129,6 +146,17 @@ def save(root: Path, step: int, model_tensors: dict[str, torch.Tensor], optim_te
     _fsync(root)
     prune(root, keep_last)
     return final
+
+
+def _seal(tmp: Path, state: dict[str, Any]) -> None:
+    """state.json with every file's checksum, everything synced, the COMPLETE marker last."""
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    state = dict(state, files={f: sha256(tmp / f) for f in files})
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in (*files, "state.json"):
+        _fsync(tmp / f)
+    (tmp / MARKER).write_text(sha256(tmp / "state.json") + "\n")
+    _fsync(tmp / MARKER)
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -162,6 +190,9 @@ def verify(path: Path) -> dict[str, Any]:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"checkpoint {state_file} is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k, {}), dict) for k in ("files", "config")):
+        raise UserError(f"checkpoint {state_file} is not a moeforge checkpoint state (a JSON object whose "
+                        "'files' and 'config' are tables)")
     for fname, digest in state.get("files", {}).items():
         f = path / fname
         if not f.is_file():
@@ -218,6 +249,15 @@ def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> 
         if old.get(k) != new.get(k):
             raise UserError(f"checkpoint {path} was trained with {k}={old.get(k)!r} but this config has "
                             f"{k}={new.get(k)!r}")
+    (b0, dp0), (b1, dp1) = (_batch(c) for c in (old, new))
+    if b0 * dp0 != b1 * dp1:
+        raise UserError(f"checkpoint {path} was trained with train.micro_batch_size={b0} on {dp0} data-parallel "
+                        f"rank(s) but this run has {b1} on {dp1}: the global micro-batch must stay {b0 * dp0}")
+
+
+def _batch(flat: dict[str, Any]) -> tuple[int, int]:
+    """(micro-batch per rank, data-parallel ranks) of a flattened config."""
+    return flat.get("train.micro_batch_size", 0), flat.get("parallel.dp_replicate", 1) * flat.get("parallel.dp_shard", 1)
 
 
 def load_tensors(path: Path, fname: str) -> dict[str, torch.Tensor]:
