@@ -31,9 +31,12 @@ Choices:
 - Determinism: resume restores weights and buffers (router bias), AdamW moments and
   step count, the stage's position and every RNG state; with the same thread count the
   resumed losses are bitwise equal to an uninterrupted run on CPU.
-- Distributed: expert counts are summed over all ranks before the bias update. The
-  update uses only sign(mean - count), which is unchanged by the duplicate counts that
-  tensor-parallel ranks contribute, so one all-reduce over the world is enough.
+- Distributed (``mesh`` from ``parallel.build_mesh``; helpers in ``distributed.py``):
+  gradients are reduced across data-parallel ranks only on the last micro-batch; the
+  step's loss parts and gradient norm come from one all-reduce, so every rank takes the
+  same finite/skip/clip decision; the balancing bias moves from the global expert counts
+  (identical on all ranks); a stop signal stops all ranks together; checkpoints are
+  sharded (DCP); metrics, progress and plots come from rank 0 only.
 """
 
 from __future__ import annotations
@@ -47,12 +50,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moeforge.config import Config
 from moeforge.errors import UserError
+from moeforge.parallel import ParallelMesh, update_balancing_bias
+from moeforge.parallel.data import grad_sync
 from moeforge.train import checkpoint as ckpt
+from moeforge.train import distributed
 from moeforge.train.metrics import (Metrics, format_train, max_violation, measure_peak_flops, memory_bytes,
                                     plot_run, train_flops_per_token)
 from moeforge.train.optim import AdamW, lr_at, micro_batches_at
@@ -128,35 +133,47 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where
     model.load_state_dict(tensors, strict=True)
 
 
-def update_router_bias(model: nn.Module, counts: torch.Tensor, gamma: float) -> None:
-    """Aux-loss-free balancing: one sign step per MoE layer from the step's global counts."""
-    if gamma <= 0 or counts is None:
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    for layer, c in zip(model.moe_layers(), counts):
-        layer.gate.update_bias(c, gamma)
+def update_router_bias(model: nn.Module, counts: torch.Tensor | None, gamma: float,
+                       mesh: ParallelMesh | None = None) -> torch.Tensor | None:
+    """Aux-loss-free balancing: one sign step per MoE layer from the step's global counts,
+    which are returned (all ranks take part, also when ``gamma`` is 0)."""
+    return None if counts is None else update_balancing_bias(model, counts, gamma, mesh)
 
 
 def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage, step: int,
-                    tokens: int, **extra: Any) -> Path:
+                    tokens: int, mesh: ParallelMesh | None = None, **extra: Any) -> Path:
     state = {"tokens": tokens, "optimizer_step": opt.step_count, "lr": lr_at(max(step - 1, 0), cfg.train),
              "stage": stage.state_dict(), "rng": ckpt.rng_state(), "config": cfg.to_dict(), **extra}
-    return ckpt.save(run_dir / "checkpoints", step, model_tensors(model), opt.state_tensors(), state, cfg.train.keep_last)
+    root, keep = run_dir / "checkpoints", cfg.train.keep_last
+    if mesh is not None:
+        return distributed.save(root, step, model, opt, state, keep, mesh)
+    return ckpt.save(root, step, model_tensors(model), opt.state_tensors(), state, keep)
 
 
-def restore(path: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage) -> tuple[int, int]:
-    """Load a verified checkpoint into model/optimizer/stage/RNG; return (step, tokens)."""
+def restore(path: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage,
+            mesh: ParallelMesh | None = None) -> tuple[int, int]:
+    """Load a verified checkpoint (single-process or sharded) into model/optimizer/stage/RNG;
+    return (step, tokens)."""
     state = ckpt.verify(path)
     ckpt.check_config(path, state.get("config", {}), cfg.to_dict())
-    load_model_tensors(model, ckpt.load_tensors(path, "model.safetensors"), path)
-    try:
-        opt.load_state_tensors(ckpt.load_tensors(path, "optimizer.safetensors"), state["optimizer_step"])
-    except (KeyError, ValueError) as e:
-        raise UserError(f"checkpoint {path / 'optimizer.safetensors'}: {e.args[0]}") from None
-    stage.load_state_dict(state["stage"])
-    ckpt.set_rng_state(state["rng"])
-    return state["step"], state["tokens"]
+    if distributed.is_sharded(path):
+        distributed.load(path, model, opt, mesh)
+        opt.step_count = int(state["optimizer_step"])
+    elif mesh is not None:
+        raise UserError(f"checkpoint {path} was written by a single process; resume it without torchrun")
+    else:
+        load_model_tensors(model, ckpt.load_tensors(path, "model.safetensors"), path)
+        try:
+            opt.load_state_tensors(ckpt.load_tensors(path, "optimizer.safetensors"), state["optimizer_step"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"checkpoint {path / 'optimizer.safetensors'}: {e.args[0]}") from None
+    try:  # a state.json edited by hand (checksums recomputed) must still fail in one line
+        stage.load_state_dict(state["stage"])
+        ckpt.set_rng_state(state["rng"])
+        return int(state["step"]), int(state["tokens"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"checkpoint {path / 'state.json'} has a missing or malformed entry "
+                        f"({type(e).__name__}: {e})") from None
 
 
 @torch.no_grad()
@@ -168,19 +185,29 @@ def evaluate(model: nn.Module, stage: Stage) -> dict[str, float]:
         model.train()
 
 
-def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Path | None = None) -> TrainResult:
-    """Run ``cfg.train.steps`` optimizer steps of ``stage`` on ``model``; see the module docstring."""
+class _Silent:
+    """Metrics of ranks other than 0: they compute the same numbers and record nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Path | None = None,
+          mesh: ParallelMesh | None = None) -> TrainResult:
+    """Run ``cfg.train.steps`` optimizer steps of ``stage`` on ``model`` (already parallelized
+    for ``mesh`` under torchrun); see the module docstring."""
     tc = cfg.train
     device = next(model.parameters()).device
     opt = AdamW.from_config(model, tc)
-    step, tokens = restore(resume, cfg, model, opt, stage) if resume else (0, 0)
+    step, tokens = restore(resume, cfg, model, opt, stage, mesh) if resume else (0, 0)
+    dp = mesh.dp if mesh is not None else 1  # the stage's batches are per rank; tokens are counted globally
     start_step = step
     model.train()
     params = [p for _, p in opt.params]
     compute_dtype = torch.bfloat16 if tc.dtype == "bf16" else torch.float32
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     peak = measure_peak_flops(compute_dtype, device)
-    metrics = Metrics(run_dir, tc.steps, start_step, tc.progress)
+    metrics = Metrics(run_dir, tc.steps, start_step, tc.progress) if distributed.is_main() else _Silent()
     metrics.write({"kind": "info", "step": step, "resumed_from": str(resume) if resume else None,
                    "flops_per_token": flops_per_token, "peak_flops": peak, "device": str(device)})
     bad: list[int] = []  # consecutive non-finite steps
@@ -198,27 +225,28 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                 opt.lr = lr_at(step, tc)
                 acc: dict[str, torch.Tensor] = {}
                 counts = None
-                for _ in range(n_micro):
-                    parts = stage.loss(model, stage.next_batch(), step)
-                    (parts["loss"] / n_micro).backward()
+                for i in range(n_micro):
+                    with grad_sync(model, i == n_micro - 1):  # one gradient reduction per step
+                        parts = stage.loss(model, stage.next_batch(), step)
+                        (parts["loss"] / n_micro).backward()
                     c = parts.get("expert_counts")
                     if c is not None:
                         counts = c.detach().clone() if counts is None else counts + c.detach()
                     for k, v in parts.items():
                         if k != "expert_counts":
                             acc[k] = v.detach().float() + acc[k] if k in acc else v.detach().float()
-                grad_norm = torch.nn.utils.get_total_norm(opt.grads()).float()
                 keys = sorted(acc)
-                values = torch.stack([acc[k] / n_micro for k in keys] + [grad_norm]).tolist()  # the step's one sync
+                # the step's one host sync; under a mesh also its one all-reduce (parts and norm)
+                values, grad_norm = distributed.step_values([acc[k] / n_micro for k in keys], opt, mesh)
                 rec = dict(zip(keys, values), grad_norm=values[-1])
                 step += 1
-                tokens += n_micro * stage.tokens_per_batch
+                tokens += n_micro * stage.tokens_per_batch * dp
                 if all(math.isfinite(v) for v in values):
                     if tc.grad_clip > 0:
-                        torch.nn.utils.clip_grads_with_norm_(params, tc.grad_clip, grad_norm)
+                        distributed.clip_(params, tc.grad_clip, grad_norm, mesh)
                     opt.step()
                     gamma = cfg.model.bias_update_speed if step - 1 < tc.bias_freeze_at * tc.steps else 0.0
-                    update_router_bias(model, counts, gamma)
+                    counts = update_router_bias(model, counts, gamma, mesh)
                     if counts is not None:
                         interval["counts"] = counts if interval["counts"] is None else interval["counts"] + counts
                     bad.clear()
@@ -230,10 +258,10 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                 opt.zero_grad()
                 dt = time.perf_counter() - t0
                 for acc_ in (interval, run):
-                    acc_["tokens"] += n_micro * stage.tokens_per_batch
+                    acc_["tokens"] += n_micro * stage.tokens_per_batch * dp
                     acc_["time"] += dt
                 if len(bad) >= tc.max_bad_steps:
-                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens,
+                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens, mesh,
                                                 stopped=f"non-finite steps {bad[0]}-{bad[-1]}")
                     raise TrainingStopped(
                         f"training stopped: {len(bad)} consecutive non-finite steps ({bad[0]}-{bad[-1]}); "
@@ -257,16 +285,18 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                     ev = evaluate(model, stage)
                     metrics.write({"kind": "eval", "step": step, **ev})
                     metrics.print(f"eval @ step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                if stop.set or step == tc.steps or (tc.ckpt_every and step % tc.ckpt_every == 0):
-                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens)
-                if stop.set:
+                stopping = distributed.any_rank(stop.set, mesh)
+                if stopping or step == tc.steps or (tc.ckpt_every and step % tc.ckpt_every == 0):
+                    last_ckpt = save_checkpoint(run_dir, cfg, model, opt, stage, step, tokens, mesh)
+                if stopping:
                     status = "interrupted"
                     metrics.print(f"interrupted: checkpoint of step {step} written to {last_ckpt}")
                     break
     finally:
         metrics.close()
         try:
-            plot_run(run_dir)
+            if distributed.is_main():
+                plot_run(run_dir)
         except Exception as e:  # a plotting problem must not hide the training outcome
             print(f"warning: plots not written ({type(e).__name__}: {e})")
     summary = {"steps": step - start_step, "first_loss": history[0] if history else None,

@@ -76,12 +76,18 @@ def prepare_post(cfg: Config, section: str, init: str | Path | None) -> tuple[Co
 
 
 def load_weights(model: nn.Module, path: Path, prefix: str = "") -> None:
-    """Load ``model.safetensors`` of ``path`` into ``model`` (keys under ``prefix``).
+    """Load ``model.safetensors`` (or a sharded checkpoint's model) of ``path`` into ``model``
+    (keys under ``prefix``).
 
     MTP modules may be absent on either side (post-training stages other than SFT drop
     them); every other tensor must match by name and shape.
     """
-    tensors = ckpt.load_tensors(path, "model.safetensors")
+    from moeforge.train import distributed
+
+    if distributed.is_sharded(path):  # written under torchrun
+        tensors = distributed.read_model(path)
+    else:
+        tensors = ckpt.load_tensors(path, "model.safetensors")
     if prefix:
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     want = model.state_dict()
@@ -98,8 +104,13 @@ def load_weights(model: nn.Module, path: Path, prefix: str = "") -> None:
 
 def build_from(cfg: Config, path: Path, device: torch.device, keep_mtp: bool = False):
     """The trainer's model (dtype, FP8, compile as configured) with the init weights loaded."""
+    import os
+
     from moeforge.train.pretrain import build_model
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # their data is not split across ranks yet; every rank would repeat the same work
+        raise UserError("post-training stages run in one process for now: launch them without torchrun")
     model = build_model(cfg, device)
     if not keep_mtp:
         model.drop_mtp()

@@ -16,6 +16,11 @@ Choices:
   directory that already holds checkpoints is not silently overwritten, and the data's
   vocabulary must fit the model's.
 - Shards missing from ``data.data_dir`` are built with ``moeforge.data.prepare`` first.
+- Under torchrun (``WORLD_SIZE > 1``) the same function runs on every rank: the mesh
+  comes from ``[parallel]``, ``parallel.apply`` wraps the model after the FP8 swap and
+  before compilation, each data-parallel rank reads its own slice of every global batch
+  (``train.micro_batch_size`` is per rank), and rank 0 alone writes the run directory's
+  files and prints (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from moeforge.config import Config
 from moeforge.errors import UserError
 from moeforge.train import checkpoint as ckpt
+from moeforge.train import distributed
 from moeforge.train.losses import lm_loss, token_ce
 from moeforge.train.loop import TrainResult, train
 from moeforge.train.metrics import config_toml, prepare_run_dir
@@ -37,12 +43,12 @@ from moeforge.train.metrics import config_toml, prepare_run_dir
 class PretrainStage:
     """Packed token windows -> (tokens, shifted labels); loss = lm_loss; eval = CE/ppl/bpb."""
 
-    def __init__(self, cfg: Config, train_ds, val_ds, device: torch.device):
+    def __init__(self, cfg: Config, train_ds, val_ds, device: torch.device, dp_rank: int = 0, dp_size: int = 1):
         from moeforge.data.loader import TokenLoader
 
         tc = cfg.train
         self.cfg, self.device, self.val_ds = cfg, device, val_ds
-        self.loader = TokenLoader(train_ds, tc.micro_batch_size, seed=tc.seed)
+        self.loader = TokenLoader(train_ds, tc.micro_batch_size, seed=tc.seed, rank=dp_rank, world_size=dp_size)
         self.tokens_per_batch = tc.micro_batch_size * tc.seq_len
         bpt = getattr(train_ds, "manifest", {}).get("tokenizer", {}).get("bytes_per_token")
         self.bytes_per_token = float(bpt) if bpt else None
@@ -90,9 +96,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config, device: torch.device):
-    """Seeded FP32 master weights, compute dtype set, FP8 swapped in and compiled when asked."""
+def build_model(cfg: Config, device: torch.device, mesh=None):
+    """Seeded FP32 master weights, compute dtype set, FP8 swapped in, parallelized for
+    ``mesh`` (every rank builds the same full model, then keeps its shards), compiled when asked."""
     from moeforge.model.transformer import Transformer
+    from moeforge.parallel import apply
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
@@ -101,6 +109,7 @@ def build_model(cfg: Config, device: torch.device):
         from moeforge.fp8 import convert  # lazy: the trainer works without the FP8 package
 
         convert(model, cfg.fp8)
+    model = apply(model, mesh, cfg)  # identity in one process
     if cfg.train.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
     return model
@@ -116,7 +125,8 @@ def open_datasets(cfg: Config):
         print(f"[pretrain] no shards in {data_dir}: preparing the data first", flush=True)
         prepare(cfg)
     train_ds = TokenDataset(data_dir, "train", cfg.train.seq_len)
-    val_ds = TokenDataset(data_dir, "val", cfg.train.seq_len, verify=False)
+    # verified too: a flipped byte in a val shard would otherwise surface as an IndexError at the first eval
+    val_ds = TokenDataset(data_dir, "val", cfg.train.seq_len)
     return train_ds, val_ds
 
 
@@ -132,21 +142,28 @@ def pretrain(cfg: Config, resume: str | Path | None = None, datasets=None) -> Pa
 
 def run_pretrain(cfg: Config, resume: str | Path | None = None, datasets=None) -> TrainResult:
     """:func:`pretrain`, returning the loop's full result (status, last checkpoint, summary)."""
-    run_dir = prepare_run_dir(cfg)
+    mesh = distributed.setup(cfg)  # None without torchrun
+    main = distributed.is_main()
+    run_dir = prepare_run_dir(cfg) if main else Path(cfg.train.out_dir) / cfg.train.run_name
     ckpt_root = run_dir / "checkpoints"
     resume_path = ckpt.resolve(resume, ckpt_root) if resume is not None else None
     if resume_path is None and ckpt.step_dirs(ckpt_root):
         raise UserError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose "
                         "another --train.run_name / --train.out_dir")
-    train_ds, val_ds = datasets if datasets is not None else open_datasets(cfg)
+    with distributed.main_first():  # rank 0 prepares missing shards, the others then open them
+        train_ds, val_ds = datasets if datasets is not None else open_datasets(cfg)
     if train_ds.vocab_size > cfg.model.vocab_size:
         raise UserError(f"data in {cfg.data.data_dir} has vocab_size {train_ds.vocab_size} > model.vocab_size "
                         f"{cfg.model.vocab_size}")
-    (run_dir / "config.toml").write_text(config_toml(cfg))
-    device = pick_device(cfg.train.device)
-    model = build_model(cfg, device)
-    stage = PretrainStage(cfg, train_ds, val_ds, device)
-    result = train(model, stage, cfg, run_dir, resume=resume_path)
+    if main:
+        (run_dir / "config.toml").write_text(config_toml(cfg))
+    device = pick_device(cfg.train.device)  # under CUDA, init_distributed made "cuda" this rank's GPU
+    model = build_model(cfg, device, mesh)
+    dp = (mesh.rank("dp"), mesh.dp) if mesh is not None else (0, 1)
+    stage = PretrainStage(cfg, train_ds, val_ds, device, *dp)
+    result = train(model, stage, cfg, run_dir, resume=resume_path, mesh=mesh)
+    if not main:
+        return result
     s = result.summary
     if s["first_loss"] is not None:
         print(f"[pretrain] {result.status}: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}, "
