@@ -105,12 +105,13 @@ def _data_section(s: dict[str, Any]) -> list[Block]:
     drops = m.get("filter_drops") or {}
     if drops:
         rows = [["filter", "documents dropped"]] + [[k, v] for k, v in sorted(drops.items(), key=lambda kv: -_num(kv[1]))]
-        blocks += [Block("p", f"Documents read: {_fmt(m.get('documents_read'))}. Quality filters:"), Block("table", rows=rows)]
+        blocks += [Block("p", f"Documents read: {_per_domain(m.get('documents_read'))}. Quality filters:"),
+                   Block("table", rows=rows)]
     dd = m.get("dedup") or {}
     if dd:
         blocks.append(Block("p", f"Deduplication: {_fmt(dd.get('exact_removed'))} exact and "
                                  f"{_fmt(dd.get('near_removed'))} near duplicates removed (MinHash + LSH), "
-                                 f"{_fmt(dd.get('documents_after'))} documents kept."))
+                                 f"documents kept: {_per_domain(_last_stage(dd.get('documents_after')))}."))
     tok = m.get("tokenizer") or {}
     sp = m.get("splits", {})
     blocks.append(Block("p", f"Tokenizer: byte-level BPE, vocabulary {_fmt(tok.get('vocab_size'))}, "
@@ -119,6 +120,24 @@ def _data_section(s: dict[str, Any]) -> list[Block]:
                              f"{_fmt(sp.get('train', {}).get('tokens'))}, validation tokens "
                              f"{_fmt(sp.get('val', {}).get('tokens'))}."))
     return blocks
+
+
+def _per_domain(d: Any) -> str:
+    """'3,412 (code 112, prose 205, ...)' for a {domain: count} dict; plain text otherwise."""
+    if not isinstance(d, dict):
+        return _fmt(d)
+    return f"{_fmt(sum(int(_num(v)) for v in d.values()))} ({', '.join(f'{k} {_fmt(v)}' for k, v in d.items())})"
+
+
+def _last_stage(d: Any) -> Any:
+    """Dedup reports counts after each stage ({stage: {domain: n}}); the report wants the
+    survivors: the last stage that saw each domain."""
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        return d
+    out: dict[str, Any] = {}
+    for counts in d.values():
+        out.update(counts)
+    return out
 
 
 def _num(v: Any) -> float:
@@ -132,17 +151,59 @@ def _train_section(title: str, s: dict[str, Any], keys: list[str]) -> list[Block
     if not s:
         return []
     blocks = [Block("h2", title)]
-    summ = s.get("summary") or {}
+    summ = dict(s.get("summary") or {})
+    if isinstance(summ.get("mfu"), float):
+        summ["mfu"] = f"{100 * summ['mfu']:.2f}% of the measured GEMM peak"
+    run_dir = Path(s.get("run_dir", ""))
+    last_eval = _last_eval(run_dir)
+    summ.update({f"final eval {k}": v for k, v in last_eval.items()})
     rows = [["metric", "value"]] + [[k, summ[k]] for k in keys if k in summ]
     rows += [[k, v] for k, v in summ.items() if k not in keys and isinstance(v, (int, float, str))]
     if len(rows) > 1:
         blocks.append(Block("table", rows=rows))
-    plots = Path(s.get("run_dir", "")) / "plots"
+    plots = run_dir / "plots"
+    _reward_plot(run_dir)
     for name, caption in (("loss.png", f"{title}: loss curves"), ("expert_load.png", f"{title}: expert load"),
                           ("reward.png", f"{title}: reward")):
         if (plots / name).is_file():
             blocks.append(Block("img", caption, path=plots / name))
     return blocks
+
+
+def _last_eval(run_dir: Path) -> dict[str, float]:
+    from moeforge.train.metrics import read_records
+
+    evals = [r for r in read_records(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
+    return {k: v for k, v in evals[-1].items() if k not in ("kind", "step")} if evals else {}
+
+
+def _reward_plot(run_dir: Path) -> None:
+    """plots/reward.png from an RL run's metrics (mean rollout reward and correctness per step)."""
+    from moeforge.train.metrics import read_records
+
+    train = [r for r in read_records(run_dir / "metrics.jsonl") if r.get("kind") == "train" and "reward_mean" in r]
+    if not train:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    steps = [r["step"] for r in train]
+    ax[0].plot(steps, [r["reward_mean"] for r in train], label="mean rollout reward")
+    ax[0].set(xlabel="step", ylabel="reward", title="GRPO reward")
+    for key, label in (("correct", "correct answers"), ("format", "answer format")):
+        if any(key in r for r in train):
+            ax[1].plot(steps, [r.get(key) for r in train], label=label)
+    ax[1].set(xlabel="step", ylabel="fraction of rollouts", title="rollout accuracy", ylim=(0, 1.05))
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    (run_dir / "plots").mkdir(exist_ok=True)
+    fig.savefig(run_dir / "plots" / "reward.png", dpi=110)
+    plt.close(fig)
 
 
 def _fp8_section() -> list[Block]:
