@@ -20,16 +20,15 @@ Choices:
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moeforge.config import Config
-from moeforge.train.post_common import (add_moe_parts, build_from, encode_pairs, frozen_copy, load_tokenizer_for,
-                                        open_run, pairs_source, prepare_post, response_batch, run_post_stage,
-                                        split_holdout, stage_cli, token_logprobs)
+from moeforge.train.post_common import (PairStage, add_moe_parts, build_from, encode_pairs, frozen_copy,
+                                        load_tokenizer_for, open_run, pairs_source, prepare_post, response_batch,
+                                        run_post_stage, split_holdout, stage_cli, token_logprobs)
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -49,20 +48,12 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]):
     return (logp * batch["mask"]).sum(-1), out
 
 
-class DPOStage:
+class DPOStage(PairStage):
     """Pairs -> policy and reference answer log-probs -> DPO loss."""
 
     def __init__(self, cfg: Config, tok, reference, train_pairs: list[dict], val_pairs: list[dict], device):
-        self.cfg, self.tok, self.ref, self.device = cfg, tok, reference, device
-        self.train_pairs, self.val_pairs = train_pairs, val_pairs
-        self.tokens_per_batch = 2 * cfg.train.micro_batch_size * cfg.train.seq_len
-        self.epoch, self.pos = 0, 0
-        self.order = self._order(0)
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.train_pairs)))
-        random.Random(self.cfg.train.seed * 1000 + epoch).shuffle(order)
-        return order
+        self.ref = reference
+        super().__init__(cfg, tok, train_pairs, val_pairs, device)
 
     @torch.no_grad()
     def batch_of(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
@@ -70,18 +61,6 @@ class DPOStage:
         answers = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
         batch = response_batch(prompts, answers, self.tok.pad_id, self.device)
         batch["ref"] = sequence_logprobs(self.ref, batch)[0]
-        return batch
-
-    def next_batch(self):
-        take = []
-        while len(take) < self.cfg.train.micro_batch_size:
-            if self.pos >= len(self.order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            take.append(self.train_pairs[self.order[self.pos]])
-            self.pos += 1
-        batch = self.batch_of(take)
-        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
         return batch
 
     def _loss(self, model, batch):
@@ -95,23 +74,9 @@ class DPOStage:
         loss, parts, out = self._loss(model, batch)
         return add_moe_parts({"loss": loss, **parts}, out, self.cfg)
 
-    def evaluate(self, model) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        mbs, n = self.cfg.train.micro_batch_size, 0
-        for s in range(0, len(self.val_pairs), mbs):
-            chunk = self.val_pairs[s: s + mbs]
-            loss, parts, _ = self._loss(model, self.batch_of(chunk))
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
-            n += len(chunk)
-        return {k: v / n for k, v in sums.items()}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self.order = self._order(self.epoch)
+    def heldout_sums(self, model, batch, n: int) -> dict[str, float]:
+        loss, parts, _ = self._loss(model, batch)
+        return {k: float(v) * n for k, v in {"loss": loss, **parts}.items()}
 
 
 def dpo(cfg: Config, init: Path | str | None = None, pairs: Path | str | None = None,
@@ -146,7 +111,5 @@ def dpo(cfg: Config, init: Path | str | None = None, pairs: Path | str | None = 
 
 
 def cli(argv: list[str]) -> int:
-    args, cfg = stage_cli(argv, "dpo", __doc__, lambda p: p.add_argument(
-        "--pairs", default=None, help="JSONL preference pairs (default: dpo.pairs, else generated math pairs)"))
-    result = dpo(cfg, args.init, args.pairs, args.resume)
-    return 130 if result.status == "interrupted" else 0
+    return stage_cli(argv, "dpo", __doc__, dpo,
+                     ("--pairs", "JSONL preference pairs (default: dpo.pairs, else generated math pairs)"))

@@ -12,7 +12,8 @@ they have in common lives here so it is written once:
 - Preference pairs (:func:`load_pairs`) have the labelling app's schema
   ``{"prompt", "chosen", "rejected", "ratings"?}``; with no export, :func:`math_pairs`
   makes them from the verifiable math domain (a correct answer vs a wrong number, a number
-  copied from the question, or no answer).
+  copied from the question, or no answer); :class:`PairStage` walks them for the reward
+  model and DPO.
 - :func:`token_logprobs` is the one place that turns a forward pass into per-token
   log-probabilities of the given tokens (gather minus logsumexp, no [B,S,V] log-softmax
   copy); DPO's sequence log-probs and GRPO's ratios and KL are built on it.
@@ -276,6 +277,63 @@ def encode_pairs(tok, pairs: list[dict], max_len: int) -> tuple[list[dict], int]
     return out, too_long
 
 
+class PairStage:
+    """What the pair stages (reward model, DPO) share: a seeded walk over the training pairs,
+    reshuffled each epoch and resumable (``state_dict``), ``micro_batch_size`` pairs a batch, and
+    held-out evaluation in chunks of that size.
+
+    A subclass gives ``batch_of(pairs)`` (a batch with ``tokens``) and ``heldout_sums(model,
+    batch, n)``: the sums over the ``n`` pairs of ``batch`` of each held-out number;
+    :meth:`evaluate` returns their means over all held-out pairs."""
+
+    def __init__(self, cfg: Config, tok, train_pairs: list[dict], val_pairs: list[dict], device):
+        self.cfg, self.tok, self.device = cfg, tok, device
+        self.train_pairs, self.val_pairs = train_pairs, val_pairs
+        self.tokens_per_batch = 2 * cfg.train.micro_batch_size * cfg.train.seq_len
+        self.epoch, self.pos = 0, 0
+        self.order = self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.train_pairs)))
+        random.Random(self.cfg.train.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    def batch_of(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def heldout_sums(self, model, batch: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def next_batch(self):
+        take = []
+        while len(take) < self.cfg.train.micro_batch_size:
+            if self.pos >= len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            take.append(self.train_pairs[self.order[self.pos]])
+            self.pos += 1
+        batch = self.batch_of(take)
+        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
+        return batch
+
+    def evaluate(self, model) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        mbs, n = self.cfg.train.micro_batch_size, 0
+        for s in range(0, len(self.val_pairs), mbs):
+            chunk = self.val_pairs[s: s + mbs]
+            for k, v in self.heldout_sums(model, self.batch_of(chunk), len(chunk)).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += len(chunk)
+        return {k: v / n for k, v in sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.order = self._order(self.epoch)
+
+
 def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [B, L] token ids and the lengths [B]."""
     width = max(len(r) for r in rows)
@@ -426,8 +484,12 @@ def run_post_stage(name: str, cfg: Config, model: nn.Module, stage, run_dir: Pat
     return result
 
 
-def stage_cli(argv: list[str], section: str, doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Parse ``moeforge <section> --config ... --init CKPT [--resume] [overrides]``; returns (args, cfg)."""
+def stage_cli(argv: list[str], section: str, doc: str, run: Callable[..., Any],
+              flag: tuple[str, str] | None = None) -> int:
+    """``moeforge <section> --config ... --init CKPT [--resume] [FLAG] [overrides]``: parse, then
+    ``run(cfg, init, [FLAG's value,] resume=...)``; returns the exit code (130 when interrupted).
+
+    ``flag`` is (name, help) of the stage's one input option (``--pairs``, ``--reward-model``)."""
     from moeforge.cli import parse_config_args
 
     parser = argparse.ArgumentParser(prog=f"moeforge {section}", description=doc.splitlines()[0])
@@ -435,10 +497,12 @@ def stage_cli(argv: list[str], section: str, doc: str, extra: Callable[[argparse
                         f"(default: {section}.init)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from this stage's latest checkpoint, or from PATH")
-    if extra:
-        extra(parser)
+    if flag:
+        parser.add_argument(flag[0], dest="input", metavar=flag[0].lstrip("-").replace("-", "_").upper(), default=None,
+                            help=flag[1])
     args, cfg = parse_config_args(argv, parser)
     sec = getattr(cfg, section)
     if not sec.run_name:  # a stage run must not land in (and be refused by) the pretraining run dir
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sec, run_name=f"{cfg.train.run_name}-{section}")})
-    return args, cfg
+    result = run(cfg, args.init, *((args.input,) if flag else ()), resume=args.resume)
+    return 130 if result.status == "interrupted" else 0

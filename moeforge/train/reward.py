@@ -25,7 +25,6 @@ Choices:
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import Config
-from moeforge.train.post_common import (add_moe_parts, build_from, encode_answer, encode_pairs, encode_prompt,
-                                        load_tokenizer_for, load_weights, open_run, pad_rows, pairs_source,
-                                        prepare_post, run_post_stage, saved_config, split_holdout, stage_cli)
+from moeforge.train.post_common import (PairStage, add_moe_parts, build_from, encode_answer, encode_pairs,
+                                        encode_prompt, load_tokenizer_for, load_weights, open_run, pad_rows,
+                                        pairs_source, prepare_post, run_post_stage, saved_config, split_holdout,
+                                        stage_cli)
 from moeforge.train.post_config import CRITERIA
 
 
@@ -100,20 +100,8 @@ def rating_targets(ratings: Any, side: str) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- the stage
-class RewardStage:
+class RewardStage(PairStage):
     """Pairs -> one forward of chosen and rejected rows -> BT (+ rating) loss."""
-
-    def __init__(self, cfg: Config, tok, train_pairs: list[dict], val_pairs: list[dict], device):
-        self.cfg, self.tok, self.device = cfg, tok, device
-        self.train_pairs, self.val_pairs = train_pairs, val_pairs
-        self.tokens_per_batch = 2 * cfg.train.micro_batch_size * cfg.train.seq_len
-        self.epoch, self.pos = 0, 0
-        self.order = self._order(0)
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.train_pairs)))
-        random.Random(self.cfg.train.seed * 1000 + epoch).shuffle(order)
-        return order
 
     def batch_of(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         rows = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
@@ -121,18 +109,6 @@ class RewardStage:
         targets = [rating_targets(p["ratings"], "chosen") for p in pairs] + \
                   [rating_targets(p["ratings"], "rejected") for p in pairs]
         return {"tokens": tokens, "lengths": lengths, "ratings": torch.tensor(targets, device=self.device)}
-
-    def next_batch(self):
-        take = []
-        while len(take) < self.cfg.train.micro_batch_size:
-            if self.pos >= len(self.order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            take.append(self.train_pairs[self.order[self.pos]])
-            self.pos += 1
-        batch = self.batch_of(take)
-        self.tokens_per_batch = batch["tokens"].numel()  # real padded size, for tokens/s and MFU
-        return batch
 
     def _forward(self, model, batch):
         score, crit, out = model(batch["tokens"], batch["lengths"])
@@ -151,24 +127,10 @@ class RewardStage:
             parts["criteria_mse"] = mse.detach()
         return add_moe_parts(parts, out, self.cfg)
 
-    def evaluate(self, model) -> dict[str, float]:
-        correct, margin, bt, n = 0.0, 0.0, 0.0, 0
-        mbs = self.cfg.train.micro_batch_size
-        for s in range(0, len(self.val_pairs), mbs):
-            chunk = self.val_pairs[s: s + mbs]
-            rc, rr, _, _ = self._forward(model, self.batch_of(chunk))
-            correct += (rc > rr).sum().item()
-            margin += (rc - rr).sum().item()
-            bt += F.softplus(rr - rc).sum().item()
-            n += len(chunk)
-        return {"accuracy": correct / n, "margin": margin / n, "bt_loss": bt / n}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self.order = self._order(self.epoch)
+    def heldout_sums(self, model, batch, n: int) -> dict[str, float]:
+        rc, rr, _, _ = self._forward(model, batch)
+        return {"accuracy": (rc > rr).sum().item(), "margin": (rc - rr).sum().item(),
+                "bt_loss": F.softplus(rr - rc).sum().item()}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -221,7 +183,5 @@ def load_reward_model(path: str | Path, device) -> RewardModel:
 
 
 def cli(argv: list[str]) -> int:
-    args, cfg = stage_cli(argv, "reward", __doc__, lambda p: p.add_argument(
-        "--pairs", default=None, help="JSONL preference pairs (default: reward.pairs, else generated math pairs)"))
-    result = train_reward(cfg, args.init, args.pairs, args.resume)
-    return 130 if result.status == "interrupted" else 0
+    return stage_cli(argv, "reward", __doc__, train_reward,
+                     ("--pairs", "JSONL preference pairs (default: reward.pairs, else generated math pairs)"))
