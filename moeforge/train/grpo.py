@@ -316,7 +316,5 @@ def grpo(cfg: Config, init: Path | str | None = None, reward_model: Path | str |
 
 
 def cli(argv: list[str]) -> int:
-    args, cfg = stage_cli(argv, "grpo", __doc__, lambda p: p.add_argument(
-        "--reward-model", default=None, help="reward-model checkpoint whose score is added to the rule rewards"))
-    result = grpo(cfg, args.init, args.reward_model, args.resume)
-    return 130 if result.status == "interrupted" else 0
+    return stage_cli(argv, "grpo", __doc__, grpo,
+                     ("--reward-model", "reward-model checkpoint whose score is added to the rule rewards"))

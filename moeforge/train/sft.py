@@ -242,6 +242,4 @@ def sft(cfg: Config, init: Path | str | None = None, resume: str | Path | None =
 
 
 def cli(argv: list[str]) -> int:
-    args, cfg = stage_cli(argv, "sft", __doc__)
-    result = sft(cfg, args.init, args.resume)
-    return 130 if result.status == "interrupted" else 0
+    return stage_cli(argv, "sft", __doc__, sft)
