@@ -254,6 +254,6 @@ def reseal(step_dir: Path) -> None:
     from moeforge.train import checkpoint as ckpt
 
     state = json.loads((step_dir / "state.json").read_text())
-    state["files"] = {f: ckpt.sha256(step_dir / f) for f in ckpt.FILES}
+    state["files"] = {f: ckpt.sha256_file(step_dir / f) for f in ckpt.FILES}
     (step_dir / "state.json").write_text(json.dumps(state))
-    (step_dir / ckpt.MARKER).write_text(ckpt.sha256(step_dir / "state.json") + "\n")
+    (step_dir / ckpt.MARKER).write_text(ckpt.sha256_file(step_dir / "state.json") + "\n")

@@ -75,7 +75,7 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(base, tmp_path, damag
     shutil.copytree(base / "data", tmp_path / "data")
     shutil.copytree(base / "runs" / "base", tmp_path / "runs" / "base")
     root = tmp_path / "runs" / "base" / "checkpoints"
-    good = {f: ckpt.sha256(root / "step_000002" / f) for f in ckpt.FILES}
+    good = {f: ckpt.sha256_file(root / "step_000002" / f) for f in ckpt.FILES}
     hurt(root / "step_000004" / fname)
 
     rc, _, err = cli(pretrain_argv(tmp_path, "base", "--resume", str(root / "step_000004"), train__steps=4))
@@ -87,7 +87,7 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(base, tmp_path, damag
     assert len(warnings) == 1 and "step_000004" in warnings[0] and what in warnings[0], err
     assert not any("Traceback" in ln for ln in err)
     assert resumed_from(root.parent) == str(root / "step_000002")
-    assert {f: ckpt.sha256(root / "step_000002" / f) for f in ckpt.FILES} == good  # untouched
+    assert {f: ckpt.sha256_file(root / "step_000002" / f) for f in ckpt.FILES} == good  # untouched
     assert ckpt.verify(root / "step_000004")["step"] == 4  # the damaged step was trained and saved again
 
 

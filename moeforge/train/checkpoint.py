@@ -24,7 +24,6 @@ Choices:
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moeforge.data.shards import sha256_file
 from moeforge.errors import UserError
 
 MARKER = "COMPLETE"
@@ -52,14 +52,6 @@ RESUME_FIELDS = ("train.seq_len", "train.moment_dtype")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -151,11 +143,11 @@ def write_step(root: Path, step: int, write_files: Callable[[Path], None], state
 def _seal(tmp: Path, state: dict[str, Any]) -> None:
     """state.json with every file's checksum, everything synced, the COMPLETE marker last."""
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    state = dict(state, files={f: sha256(tmp / f) for f in files})
+    state = dict(state, files={f: sha256_file(tmp / f) for f in files})
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in (*files, "state.json"):
         _fsync(tmp / f)
-    (tmp / MARKER).write_text(sha256(tmp / "state.json") + "\n")
+    (tmp / MARKER).write_text(sha256_file(tmp / "state.json") + "\n")
     _fsync(tmp / MARKER)
 
 
@@ -184,7 +176,7 @@ def verify(path: Path) -> dict[str, Any]:
     if not marker.is_file():
         raise UserError(f"checkpoint {path} is incomplete (no {MARKER} marker: the write was interrupted)")
     state_file = path / "state.json"
-    if not state_file.is_file() or sha256(state_file) != marker.read_text().strip():
+    if not state_file.is_file() or sha256_file(state_file) != marker.read_text().strip():
         raise UserError(f"checkpoint {state_file} is missing or corrupt (checksum mismatch)")
     try:
         state = json.loads(state_file.read_text())
@@ -197,7 +189,7 @@ def verify(path: Path) -> dict[str, Any]:
         f = path / fname
         if not f.is_file():
             raise UserError(f"checkpoint file {f} is missing")
-        if sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise UserError(f"checkpoint file {f} is corrupt (sha256 mismatch; truncated or modified on disk)")
     return state
 
