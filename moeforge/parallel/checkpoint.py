@@ -114,10 +114,9 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None):
     return get_state_dict(model, optimizer, options=opts)
 
 
-def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh=None,
-         extra: dict | None = None) -> None:
-    """Write a sharded checkpoint of model (+ optimizer) to directory ``path`` (all ranks call)."""
-    msd, osd = _state(model, optimizer)
+def _dcp_state(msd: dict, osd: dict, optimizer, mesh, extra: dict | None) -> dict:
+    """What DCP saves or fills: the model (+ optimizer, + ``extra``), expert tensors as global
+    views under expert parallelism (so any layout can read them back)."""
     if mesh is not None and mesh.expert is not None:
         _expert_view(msd, osd, mesh, lambda t: _to_global(t, mesh))
     state = {"model": msd}
@@ -125,7 +124,14 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
         state["optim"] = osd
     if extra:
         state["extra"] = extra
-    dcp.save(state, checkpoint_id=str(path))
+    return state
+
+
+def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh=None,
+         extra: dict | None = None) -> None:
+    """Write a sharded checkpoint of model (+ optimizer) to directory ``path`` (all ranks call)."""
+    msd, osd = _state(model, optimizer)
+    dcp.save(_dcp_state(msd, osd, optimizer, mesh, extra), checkpoint_id=str(path))
 
 
 def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, mesh=None,
@@ -136,13 +142,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     ep = mesh is not None and mesh.expert is not None
     like_m = dict(msd)
     like_o = {k: dict(v) for k, v in osd.get("state", {}).items()}
-    if ep:
-        _expert_view(msd, osd, mesh, lambda t: _to_global(t, mesh))
-    state = {"model": msd}
-    if optimizer is not None:
-        state["optim"] = osd
-    if extra:
-        state["extra"] = extra
+    state = _dcp_state(msd, osd, optimizer, mesh, extra)
     dcp.load(state, checkpoint_id=str(path))
     msd, osd = state["model"], state.get("optim", {})
     if ep:
