@@ -28,12 +28,7 @@ from moeforge.fp8.config import Fp8Config
 from moeforge.train.post_config import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
 
 
-from moeforge.errors import ConfigError  # noqa: E402  (re-exported: moeforge.config.ConfigError)
-
-
-def require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from moeforge.errors import ConfigError, require  # noqa: E402  (ConfigError re-exported: moeforge.config.ConfigError)
 
 
 # ----------------------------------------------------------------------------- model

@@ -20,3 +20,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, reported as one line naming the field."""
+
+
+def require(cond: bool, msg: str) -> None:
+    """Config validation: raise :class:`ConfigError` with ``msg`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(msg)

@@ -28,16 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeforge.errors import ConfigError
+from moeforge.errors import require
 
 SOURCE_KINDS = ("text", "code", "jsonl", "parquet")
 SOURCE_KEYS = {"domain", "path", "kind", "text_key", "weight", "extensions", "filters"}
 FILTER_PROFILES = ("prose", "code", "generated")  # "generated": trusted text, no quality filters or dedup
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -75,34 +70,34 @@ class DataConfig:
     workers: int = 0  # datatrove tasks / tokenizer threads; 0 = all cores
 
     def validate(self) -> None:
-        _require(bool(self.data_dir), "data.data_dir must not be empty")
-        _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        _require(self.builtin_mb > 0, f"data.builtin_mb must be > 0, got {self.builtin_mb}")
-        _require(self.math_level in ("easy", "standard"),
+        require(bool(self.data_dir), "data.data_dir must not be empty")
+        require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.builtin_mb > 0, f"data.builtin_mb must be > 0, got {self.builtin_mb}")
+        require(self.math_level in ("easy", "standard"),
                  f"data.math_level must be 'easy' or 'standard', got {self.math_level!r}")
         for i, s in enumerate(self.sources):
             where = f"data.sources[{i}]"
             unknown = set(s) - SOURCE_KEYS
-            _require(not unknown, f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(SOURCE_KEYS)}")
-            _require(isinstance(s.get("domain"), str) and bool(s.get("domain")), f"{where}.domain must be a non-empty string")
-            _require(isinstance(s.get("path"), str) and bool(s.get("path")), f"{where}.path must be a non-empty string")
-            _require(s.get("kind", "text") in SOURCE_KINDS, f"{where}.kind must be one of {', '.join(SOURCE_KINDS)}, got {s.get('kind')!r}")
-            _require(s.get("filters", "prose") in FILTER_PROFILES,
+            require(not unknown, f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(SOURCE_KEYS)}")
+            require(isinstance(s.get("domain"), str) and bool(s.get("domain")), f"{where}.domain must be a non-empty string")
+            require(isinstance(s.get("path"), str) and bool(s.get("path")), f"{where}.path must be a non-empty string")
+            require(s.get("kind", "text") in SOURCE_KINDS, f"{where}.kind must be one of {', '.join(SOURCE_KINDS)}, got {s.get('kind')!r}")
+            require(s.get("filters", "prose") in FILTER_PROFILES,
                      f"{where}.filters must be one of {', '.join(FILTER_PROFILES)}, got {s.get('filters')!r}")
             w = s.get("weight", 1.0)
-            _require(isinstance(w, (int, float)) and w > 0, f"{where}.weight must be > 0, got {w!r}")
+            require(isinstance(w, (int, float)) and w > 0, f"{where}.weight must be > 0, got {w!r}")
         for d, w in self.weights.items():
-            _require(isinstance(w, (int, float)) and w >= 0, f"data.weights.{d} must be >= 0, got {w!r}")
-        _require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
-        _require(self.max_chars > self.min_chars, f"data.max_chars={self.max_chars} must be > data.min_chars={self.min_chars}")
+            require(isinstance(w, (int, float)) and w >= 0, f"data.weights.{d} must be >= 0, got {w!r}")
+        require(self.min_chars >= 1, f"data.min_chars must be >= 1, got {self.min_chars}")
+        require(self.max_chars > self.min_chars, f"data.max_chars={self.max_chars} must be > data.min_chars={self.min_chars}")
         for name in ("max_symbol_ratio", "min_alpha_words", "max_dup_line_frac", "min_code_alnum"):
             v = getattr(self, name)
-            _require(0.0 <= v <= 1.0, f"data.{name} must be in [0, 1], got {v}")
-        _require(self.max_code_line_len > 0, f"data.max_code_line_len must be > 0, got {self.max_code_line_len}")
-        _require(self.max_code_avg_line_len > 0, f"data.max_code_avg_line_len must be > 0, got {self.max_code_avg_line_len}")
+            require(0.0 <= v <= 1.0, f"data.{name} must be in [0, 1], got {v}")
+        require(self.max_code_line_len > 0, f"data.max_code_line_len must be > 0, got {self.max_code_line_len}")
+        require(self.max_code_avg_line_len > 0, f"data.max_code_avg_line_len must be > 0, got {self.max_code_avg_line_len}")
         for name in ("minhash_ngrams", "minhash_buckets", "minhash_rows"):
-            _require(getattr(self, name) >= 1, f"data.{name} must be >= 1, got {getattr(self, name)}")
-        _require(300 <= self.vocab_size <= 2**32 - 1, f"data.vocab_size must be in [300, 2^32), got {self.vocab_size}")
-        _require(self.tokenizer_sample_mb > 0, f"data.tokenizer_sample_mb must be > 0, got {self.tokenizer_sample_mb}")
-        _require(self.shard_tokens >= 1024, f"data.shard_tokens must be >= 1024, got {self.shard_tokens}")
-        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
+            require(getattr(self, name) >= 1, f"data.{name} must be >= 1, got {getattr(self, name)}")
+        require(300 <= self.vocab_size <= 2**32 - 1, f"data.vocab_size must be in [300, 2^32), got {self.vocab_size}")
+        require(self.tokenizer_sample_mb > 0, f"data.tokenizer_sample_mb must be > 0, got {self.tokenizer_sample_mb}")
+        require(self.shard_tokens >= 1024, f"data.shard_tokens must be >= 1024, got {self.shard_tokens}")
+        require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")

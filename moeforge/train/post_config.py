@@ -22,15 +22,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from moeforge.errors import ConfigError
+from moeforge.errors import require
 
 SCHEDULES = ("v3", "wsd", "cosine", "constant")
 CRITERIA = ("accuracy", "relevance", "coherence")  # the seed's three rating criteria
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -62,18 +57,18 @@ class StageTrain:
     def validate(self) -> None:
         s = self.SECTION
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len"):
-            _require(getattr(self, name) > 0, f"{s}.{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{s}.{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "ckpt_every"):
-            _require(getattr(self, name) >= 0, f"{s}.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.lr > 0, f"{s}.lr must be > 0, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"{s}.min_lr={self.min_lr} must be between 0 and {s}.lr={self.lr}")
-        _require(self.schedule in SCHEDULES, f"{s}.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        _require("/" not in self.run_name, f"{s}.run_name must be a plain name, got {self.run_name!r}")
+            require(getattr(self, name) >= 0, f"{s}.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.lr > 0, f"{s}.lr must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"{s}.min_lr={self.min_lr} must be between 0 and {s}.lr={self.lr}")
+        require(self.schedule in SCHEDULES, f"{s}.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        require("/" not in self.run_name, f"{s}.run_name must be a plain name, got {self.run_name!r}")
 
     def _fraction(self, name: str, lo_open: bool = False) -> None:
         v = getattr(self, name)
         ok = (0 < v < 1) if lo_open else (0 <= v < 1)
-        _require(ok, f"{self.SECTION}.{name} must be in {'(0, 1)' if lo_open else '[0, 1)'}, got {v}")
+        require(ok, f"{self.SECTION}.{name} must be in {'(0, 1)' if lo_open else '[0, 1)'}, got {v}")
 
 
 @dataclass
@@ -93,8 +88,8 @@ class SFTConfig(StageTrain):
     def validate(self) -> None:
         super().validate()
         self._fraction("val_fraction", lo_open=True)
-        _require(self.eval_problems >= 0, f"sft.eval_problems must be >= 0, got {self.eval_problems}")
-        _require(self.eval_max_new_tokens > 0, f"sft.eval_max_new_tokens must be > 0, got {self.eval_max_new_tokens}")
+        require(self.eval_problems >= 0, f"sft.eval_problems must be >= 0, got {self.eval_problems}")
+        require(self.eval_max_new_tokens > 0, f"sft.eval_max_new_tokens must be > 0, got {self.eval_max_new_tokens}")
 
 
 @dataclass
@@ -117,12 +112,12 @@ class RewardConfig(StageTrain):
     def validate(self) -> None:
         super().validate()
         self._fraction("val_fraction", lo_open=True)
-        _require(self.generated_pairs >= 10, f"reward.generated_pairs must be >= 10, got {self.generated_pairs}")
-        _require(self.criteria_loss_weight >= 0, f"reward.criteria_loss_weight must be >= 0, got {self.criteria_loss_weight}")
-        _require(len(self.criteria_weights) == len(CRITERIA),
+        require(self.generated_pairs >= 10, f"reward.generated_pairs must be >= 10, got {self.generated_pairs}")
+        require(self.criteria_loss_weight >= 0, f"reward.criteria_loss_weight must be >= 0, got {self.criteria_loss_weight}")
+        require(len(self.criteria_weights) == len(CRITERIA),
                  f"reward.criteria_weights needs {len(CRITERIA)} numbers ({', '.join(CRITERIA)}), "
                  f"got {len(self.criteria_weights)}")
-        _require(not self.use_criteria or self.criteria_loss_weight > 0,
+        require(not self.use_criteria or self.criteria_loss_weight > 0,
                  "reward.use_criteria needs reward.criteria_loss_weight > 0 (the heads would be untrained)")
 
 
@@ -143,9 +138,9 @@ class DPOConfig(StageTrain):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
+        require(self.beta > 0, f"dpo.beta must be > 0, got {self.beta}")
         self._fraction("val_fraction", lo_open=True)
-        _require(self.generated_pairs >= 10, f"dpo.generated_pairs must be >= 10, got {self.generated_pairs}")
+        require(self.generated_pairs >= 10, f"dpo.generated_pairs must be >= 10, got {self.generated_pairs}")
 
 
 @dataclass
@@ -186,18 +181,18 @@ class GRPOConfig(StageTrain):
 
     def validate(self) -> None:
         super().validate()
-        _require(self.group_size >= 2, f"grpo.group_size must be >= 2, got {self.group_size}")
-        _require(self.epsilon > 0, f"grpo.epsilon must be > 0, got {self.epsilon}")
-        _require(self.kl_beta >= 0, f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
-        _require(self.loss_norm in ("sequence", "token"), f"grpo.loss_norm must be 'sequence' or 'token', got {self.loss_norm!r}")
-        _require(self.updates_per_rollout >= 1, f"grpo.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
-        _require(self.ref_refresh_every >= 0, f"grpo.ref_refresh_every must be >= 0, got {self.ref_refresh_every}")
+        require(self.group_size >= 2, f"grpo.group_size must be >= 2, got {self.group_size}")
+        require(self.epsilon > 0, f"grpo.epsilon must be > 0, got {self.epsilon}")
+        require(self.kl_beta >= 0, f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
+        require(self.loss_norm in ("sequence", "token"), f"grpo.loss_norm must be 'sequence' or 'token', got {self.loss_norm!r}")
+        require(self.updates_per_rollout >= 1, f"grpo.updates_per_rollout must be >= 1, got {self.updates_per_rollout}")
+        require(self.ref_refresh_every >= 0, f"grpo.ref_refresh_every must be >= 0, got {self.ref_refresh_every}")
         for name in ("max_new_tokens", "max_prompt_tokens", "eval_max_new_tokens"):
-            _require(getattr(self, name) > 0, f"grpo.{name} must be > 0, got {getattr(self, name)}")
-        _require(self.temperature > 0, f"grpo.temperature must be > 0 (sampling), got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"grpo.top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"grpo.top_k must be >= 0, got {self.top_k}")
-        _require(self.eval_problems >= 0, f"grpo.eval_problems must be >= 0, got {self.eval_problems}")
+            require(getattr(self, name) > 0, f"grpo.{name} must be > 0, got {getattr(self, name)}")
+        require(self.temperature > 0, f"grpo.temperature must be > 0 (sampling), got {self.temperature}")
+        require(0 < self.top_p <= 1, f"grpo.top_p must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, f"grpo.top_k must be >= 0, got {self.top_k}")
+        require(self.eval_problems >= 0, f"grpo.eval_problems must be >= 0, got {self.eval_problems}")
 
     def train_overrides(self) -> dict:
         over = super().train_overrides()
