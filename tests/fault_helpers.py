@@ -13,6 +13,8 @@
 - :func:`cli` runs ``main(argv)`` in this process and returns (exit code, stdout,
   stderr lines); :func:`assert_one_line` checks the "one line, no traceback" contract.
 - :func:`write_payload` writes files whose unpickling would create a marker file.
+- ``fast`` (autouse where imported) runs each in-process test on one torch thread without
+  matplotlib plots; :func:`finished_run` makes the shards and a finished run the tests damage.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from train_helpers import SMALL, losses  # noqa: F401  (losses re-exported for the tests)
+from train_helpers import SMALL, losses, write_shards  # noqa: F401  (losses re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 _CTX = None
@@ -47,6 +50,36 @@ def pretrain_argv(tmp: Path, run_name: str, *extra: str, **over) -> list[str]:
     for k, v in values.items():
         argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     return argv + list(extra)
+
+
+# ----------------------------------------------------------------------------- in-process setup
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    """One torch thread (tiny tensors on a shared 2-core box) and no matplotlib plots."""
+    from moeforge.train import loop
+
+    monkeypatch.setattr(loop, "plot_run", lambda run_dir: [])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finished_run(tmp: Path, run_name: str, steps: int) -> Path:
+    """Bigram shards in ``tmp/data`` and a finished ``steps``-step pretraining run ``run_name``
+    (checkpoints every 2 steps), made by the real CLI in this process; returns ``tmp``.
+
+    For module-scoped fixtures, which ``fast`` (function-scoped) does not cover."""
+    from moeforge.train import loop
+
+    write_shards(tmp / "data", n_train=6000, n_val=1000)
+    real, loop.plot_run = loop.plot_run, lambda run_dir: []
+    try:
+        rc, _, err = cli(pretrain_argv(tmp, run_name, train__steps=steps))
+    finally:
+        loop.plot_run = real
+    assert rc == 0, err
+    return tmp
 
 
 # ----------------------------------------------------------------------------- fault patches (child side)

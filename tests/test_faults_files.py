@@ -17,39 +17,15 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from fault_helpers import assert_one_line, cli, pretrain_argv, resumed_from
+from fault_helpers import assert_one_line, cli, fast, finished_run, pretrain_argv, resumed_from  # noqa: F401 (fast)
 from moeforge.train import checkpoint as ckpt
-from train_helpers import write_shards
-
-
-@pytest.fixture(autouse=True)
-def fast(monkeypatch):
-    """One torch thread (tiny tensors on a shared 2-core box) and no matplotlib plots."""
-    from moeforge.train import loop
-
-    monkeypatch.setattr(loop, "plot_run", lambda run_dir: [])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Shards and a finished 4-step run with checkpoints at steps 2 and 4."""
-    from moeforge.train import loop
-
-    tmp = tmp_path_factory.mktemp("files")
-    write_shards(tmp / "data", n_train=6000, n_val=1000)
-    real, loop.plot_run = loop.plot_run, lambda run_dir: []
-    try:
-        rc, _, err = cli(pretrain_argv(tmp, "base", train__steps=4))
-    finally:
-        loop.plot_run = real
-    assert rc == 0, err
-    return tmp
+    return finished_run(tmp_path_factory.mktemp("files"), "base", steps=4)
 
 
 def _flip(path, at: int = -20) -> None:

@@ -16,24 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fault_helpers import assert_one_line, cli, pretrain_argv
+from fault_helpers import assert_one_line, cli, fast, pretrain_argv  # noqa: F401 (fast: autouse fixture)
 from moeforge.train import checkpoint as ckpt
 from moeforge.train.loop import train
 from moeforge.train.metrics import read_records
 from moeforge.train.optim import AdamW
 from moeforge.train.pretrain import PretrainStage, build_model
 from train_helpers import losses, mem_datasets, small_config, write_shards
-
-
-@pytest.fixture(autouse=True)
-def fast(monkeypatch):
-    from moeforge.train import loop
-
-    monkeypatch.setattr(loop, "plot_run", lambda run_dir: [])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _Poison(torch.autograd.Function):

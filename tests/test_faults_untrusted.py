@@ -23,38 +23,19 @@ import shutil
 import pytest
 import torch
 
-from fault_helpers import assert_one_line, cli, pretrain_argv, reseal, write_payload
+from fault_helpers import (assert_one_line, cli, fast, finished_run, pretrain_argv, reseal,  # noqa: F401 (fast)
+                           write_payload)
 from moeforge.errors import UserError
 from moeforge.model import hf
 from moeforge.train import post_common
 from moeforge.train.pretrain import build_model
-from train_helpers import small_config, write_shards
-
-
-@pytest.fixture(autouse=True)
-def fast(monkeypatch):
-    from moeforge.train import loop
-
-    monkeypatch.setattr(loop, "plot_run", lambda run_dir: [])
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from train_helpers import small_config
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     """A valid 2-step checkpoint (and its data) made by the real CLI."""
-    from moeforge.train import loop
-
-    tmp = tmp_path_factory.mktemp("untrusted")
-    write_shards(tmp / "data", n_train=6000, n_val=1000)
-    real, loop.plot_run = loop.plot_run, lambda run_dir: []
-    try:
-        rc, _, err = cli(pretrain_argv(tmp, "good", train__steps=2))
-    finally:
-        loop.plot_run = real
-    assert rc == 0, err
+    tmp = finished_run(tmp_path_factory.mktemp("untrusted"), "good", steps=2)
     return tmp, tmp / "runs" / "good" / "checkpoints" / "step_000002"
 
 
