@@ -18,20 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeforge.config import Config, load_config
+from moeforge.config import Config
 from moeforge.data.synthetic import make_dialogue, make_math_document, make_math_problem
 from moeforge.data.tokenizer import load_tokenizer, render_chat, train_tokenizer
 from moeforge.model.transformer import Transformer
 from moeforge.train import checkpoint as ckpt
+from train_helpers import MODEL, config_from
 
 VOCAB = 512
 
 TINY = {
-    "model.vocab_size": VOCAB, "model.dim": 64, "model.n_layers": 2, "model.n_dense_layers": 1, "model.n_heads": 2,
-    "model.inter_dim": 128, "model.moe_inter_dim": 32, "model.n_routed_experts": 4, "model.n_activated_experts": 2,
-    "model.n_expert_groups": 1, "model.n_limited_groups": 1, "model.kv_lora_rank": 32, "model.q_lora_rank": 0,
-    "model.qk_nope_head_dim": 16, "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.max_seq_len": 256,
-    "model.init_std": 0.02, "model.mtp_depth": 1,
+    **MODEL, "model.vocab_size": VOCAB, "model.max_seq_len": 256, "model.mtp_depth": 1,
     "train.dtype": "fp32", "train.device": "cpu", "train.progress": False, "train.log_every": 1, "fp8.enabled": False,
 }
 
@@ -45,9 +42,7 @@ def single_thread():
 
 
 def tiny_config(tmp: Path, **overrides) -> Config:
-    over = dict(TINY, **{"train.out_dir": str(tmp / "runs"), "data.data_dir": str(tmp / "data")})
-    over.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return load_config(None, over)
+    return config_from(TINY, tmp, **overrides)
 
 
 def write_jsonl(path: Path, rows: list) -> None:

@@ -17,12 +17,17 @@ from moeforge.config import Config, load_config
 
 VOCAB = 256
 
-SMALL = {
-    "model.vocab_size": VOCAB, "model.dim": 64, "model.n_layers": 2, "model.n_dense_layers": 1, "model.n_heads": 2,
+# the tiny MoE of the train, fault and post-training tests (2 layers, dim 64, 4 routed experts);
+# vocabulary and context are each suite's own
+MODEL = {
+    "model.dim": 64, "model.n_layers": 2, "model.n_dense_layers": 1, "model.n_heads": 2,
     "model.inter_dim": 128, "model.moe_inter_dim": 32, "model.n_routed_experts": 4, "model.n_activated_experts": 2,
     "model.n_expert_groups": 1, "model.n_limited_groups": 1, "model.kv_lora_rank": 32, "model.q_lora_rank": 0,
-    "model.qk_nope_head_dim": 16, "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.max_seq_len": 64,
-    "model.init_std": 0.02, "model.bias_update_speed": 0.01,
+    "model.qk_nope_head_dim": 16, "model.qk_rope_head_dim": 8, "model.v_head_dim": 16, "model.init_std": 0.02,
+}
+
+SMALL = {
+    **MODEL, "model.vocab_size": VOCAB, "model.max_seq_len": 64, "model.bias_update_speed": 0.01,
     "train.seq_len": 32, "train.micro_batch_size": 4, "train.grad_accum": 1, "train.steps": 10, "train.lr": 3e-3,
     "train.min_lr": 3e-4, "train.warmup_steps": 2, "train.dtype": "fp32", "train.eval_every": 0, "train.eval_batches": 2,
     "train.ckpt_every": 0, "train.log_every": 1, "train.progress": False, "train.device": "cpu",
@@ -30,10 +35,15 @@ SMALL = {
 }
 
 
-def small_config(tmp: Path, **overrides) -> Config:
-    over = dict(SMALL, **{"train.out_dir": str(tmp / "runs"), "data.data_dir": str(tmp / "data")})
+def config_from(base: dict, tmp: Path, **overrides) -> Config:
+    """``base`` with runs in ``tmp/runs``, data in ``tmp/data`` and ``overrides`` (``train__lr`` = ``train.lr``)."""
+    over = dict(base, **{"train.out_dir": str(tmp / "runs"), "data.data_dir": str(tmp / "data")})
     over.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, over)
+
+
+def small_config(tmp: Path, **overrides) -> Config:
+    return config_from(SMALL, tmp, **overrides)
 
 
 def bigram_tokens(n: int, seed: int = 0) -> np.ndarray:
