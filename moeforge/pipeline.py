@@ -10,7 +10,8 @@ Choices:
   therefore picks up at the first unfinished stage, and ``--from STAGE`` deletes the
   markers of that stage and all later ones.
 - Stages that train resume from their own latest checkpoint when one exists, so a kill
-  in the middle of pretraining loses at most ``ckpt_every`` steps.
+  in the middle of pretraining loses at most ``ckpt_every`` steps. ``--from`` instead
+  deletes the outputs of the stages it reruns, so they start from scratch.
 - The console shows one header per stage with the pipeline's elapsed time and ETA
   (from the expected share of each stage), and the stage's own progress bar below it.
 - Stage summaries are plain JSON; ``moeforge.report`` renders them with the plots.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ class Context:
     cfg: Config
     root: Path  # runs/<name>
     summaries: dict[str, dict[str, Any]]
+    rebuild_data: bool = False  # --from data: rebuild the shards even if they verify
 
     def stage_dir(self, name: str) -> Path:
         return self.root / name
@@ -78,7 +81,7 @@ def _resume_arg(run_dir: Path) -> str | None:
 def stage_data(ctx: Context) -> dict[str, Any]:
     from moeforge.data.prepare import prepare
 
-    data_dir = prepare(ctx.cfg)
+    data_dir = prepare(ctx.cfg, force=ctx.rebuild_data)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     return {"data_dir": str(data_dir), "manifest": manifest, "outputs": [str(data_dir / "manifest.json")]}
 
@@ -135,7 +138,8 @@ def stage_eval(ctx: Context) -> dict[str, Any]:
     from moeforge.evaluate import evaluate_checkpoints
 
     cks = {name: ctx.checkpoint_of(name) for name in ("pretrain", "sft", "grpo") if name in ctx.summaries}
-    result = evaluate_checkpoints(ctx.cfg, cks)
+    result = evaluate_checkpoints(ctx.cfg, cks, n_problems=ctx.cfg.grpo.eval_problems,
+                                  max_new_tokens=ctx.cfg.grpo.max_new_tokens)
     out = ctx.stage_dir("eval") / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -205,10 +209,12 @@ def run_pipeline(cfg: Config, from_stage: str | None = None, only: list[str] | N
         raise UserError(f"--from {from_stage!r}: not a stage (stages: {', '.join(names)})")
     root = Path(cfg.train.out_dir) / cfg.train.run_name
     root.mkdir(parents=True, exist_ok=True)
-    if from_stage is not None:
+    if from_stage is not None:  # rerun from scratch: markers and the stages' own outputs go
         for name in names[names.index(from_stage):]:
             _marker(root, name).unlink(missing_ok=True)
-    ctx = Context(cfg, root, {})
+            if name != "data" and (root / name).is_dir():
+                shutil.rmtree(root / name)
+    ctx = Context(cfg, root, {}, rebuild_data=from_stage == "data")
     t_start = time.perf_counter()
     done_weight = 0.0
     total_weight = sum(s.weight for s in STAGES)
