@@ -39,7 +39,7 @@ from torch import nn
 
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
-from moeforge.fp8.quant import Fp8Tensor, dequantize, quantize, quantize_many
+from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 
 
 @dataclass(frozen=True)
