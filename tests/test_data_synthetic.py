@@ -70,6 +70,6 @@ def test_easy_level_is_one_small_operation_and_checkable():
         prompt, ans = make_math_problem(rng, "easy")
         a, op, b = prompt.removeprefix("What is ").removesuffix("?").split()
         want = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
-        assert int(ans) == want and 0 <= want <= 81 and max(int(a), int(b)) <= 20
+        assert int(ans) == want and 0 <= want <= 25 and max(int(a), int(b)) <= 9
         assert check_answer(f"The answer is {ans}.", ans)
     assert "The answer is" in make_math_document(rng, "easy")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from moeforge.errors import ConfigError, UserError
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # bump when the built-in corpus generators change
 
 
 def _workers(dcfg) -> int:

@@ -47,17 +47,18 @@ def _arith(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _easy(rng: random.Random) -> tuple[str, str, int]:
-    """One operation on small numbers: within reach of the tiny CPU preset, so that the
-    demo pipeline's SFT and GRPO stages have a learnable verifiable task."""
+    """One operation on single digits (the addition, subtraction and small multiplication
+    tables): within reach of the tiny CPU preset, so the demo pipeline's SFT and GRPO
+    stages have a verifiable task they can visibly improve on."""
     form = rng.randrange(3)
     if form == 0:
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
         return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", a + b
     if form == 1:
-        a = rng.randint(0, 20)
+        a = rng.randint(0, 9)
         b = rng.randint(0, a)
         return f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", a - b
-    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    a, b = rng.randint(1, 5), rng.randint(1, 5)
     return f"What is {a} * {b}?", f"{a} * {b} = {a * b}.", a * b
 
 
