@@ -171,6 +171,7 @@ class TrainConfig:
     dtype: str = "bf16"  # compute dtype: "bf16" | "fp32"; master weights are always fp32
     seed: int = 1234
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
     # evaluation, checkpoints, metrics
     eval_every: int = 50

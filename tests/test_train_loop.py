@@ -175,3 +175,28 @@ def test_bad_inputs_fail_before_training(tmp_path):
         pretrain(cfg, datasets=mem_datasets())
     with pytest.raises(UserError, match=r"trained with model.dim=64 but this config has model.dim=32"):
         pretrain(small_config(tmp_path, train__steps=3, model__dim=32), resume="latest", datasets=mem_datasets())
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    import torch
+
+    from moeforge.config import load_config
+    from moeforge.train.losses import lm_loss
+    from moeforge.train.pretrain import build_model
+
+    over = {"model.vocab_size": 64, "model.dim": 32, "model.n_layers": 2, "model.n_heads": 2, "model.inter_dim": 48,
+            "model.moe_inter_dim": 16, "model.q_lora_rank": 16, "model.kv_lora_rank": 16,
+            "model.qk_nope_head_dim": 8, "model.qk_rope_head_dim": 4, "model.v_head_dim": 8,
+            "model.n_expert_groups": 1, "model.n_limited_groups": 1, "train.dtype": "fp32"}
+    tok = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ac in (False, True):
+        cfg = load_config(None, {**over, "train.activation_checkpointing": ac})
+        model = build_model(cfg, torch.device("cpu"))
+        out = model(tok[:, :-1])
+        lm_loss(out, tok[:, 1:], cfg.model)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert out.expert_counts is not None
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)

@@ -96,6 +96,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checkpoint_blocks(model) -> None:
+    """Activation checkpointing per transformer block: activations are recomputed in
+    backward instead of kept. Installed as an instance ``forward`` so parameter names and
+    checkpoints stay the same; the MoE statistics a block records are simply overwritten
+    by the recomputation with the same values."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        def forward(*args, _inner=block.forward):
+            if not torch.is_grad_enabled():
+                return _inner(*args)
+            return checkpoint(_inner, *args, use_reentrant=False)
+
+        block.forward = forward
+
+
 def build_model(cfg: Config, device: torch.device, mesh=None):
     """Seeded FP32 master weights, compute dtype set, FP8 swapped in, parallelized for
     ``mesh`` (every rank builds the same full model, then keeps its shards), compiled when asked."""
@@ -109,6 +125,8 @@ def build_model(cfg: Config, device: torch.device, mesh=None):
         from moeforge.fp8 import convert  # lazy: the trainer works without the FP8 package
 
         convert(model, cfg.fp8)
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
     model = apply(model, mesh, cfg)  # identity in one process
     if cfg.train.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
