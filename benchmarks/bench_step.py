@@ -1,0 +1,113 @@
+"""One training step of the real model: utilisation, torch.compile, FP8 and memory.
+
+For a preset (``small`` by default, ``tiny`` with --quick) this times the trainer's own
+step (``build_model`` as the trainer builds it, ``lm_loss``, backward, moeforge's AdamW)
+side by side, interleaved, in several variants:
+
+  bf16          FP32 master weights, bf16 compute (the default recipe)
+  fp32          FP32 everything
+  fp8           bf16 + fine-grained FP8 Linears (emulated blockwise GEMMs on CPU)
+  bf16+compile  torch.compile of the model (CPU inductor)
+  bf16+ckpt     activation checkpointing per block
+
+It reports tokens/s, model FLOP/s (counted analytically for MLA and the activated MoE
+parameters, forward + backward, ``train.metrics.train_flops_per_token``) divided by the
+bf16 GEMM peak measured in the same run (MFU), and the bytes saved for backward per step
+(activation memory, measured with saved-tensor hooks; parameters excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moeforge.bench import interleaved, matmul_peak_flops, write_results
+from moeforge.config import load_config
+from moeforge.train.losses import lm_loss
+from moeforge.train.metrics import train_flops_per_token
+from moeforge.train.optim import AdamW
+from moeforge.train.pretrain import build_model
+
+VARIANTS = {
+    "bf16": {},
+    "fp32": {"train.dtype": "fp32"},
+    "fp8": {"fp8.enabled": True},
+    "bf16+compile": {"train.compile": True},
+    "bf16+ckpt": {"train.activation_checkpointing": True},
+}
+
+
+def make_step(cfg, tokens):
+    model = build_model(cfg, torch.device("cpu"))
+    opt = AdamW.from_config(model, cfg.train)
+
+    def loss():
+        return lm_loss(model(tokens[:, :-1]), tokens[:, 1:], cfg.model)["loss"]
+
+    def step():
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+    return step, loss, model
+
+
+def saved_bytes(loss_fn, model) -> int:
+    """Bytes autograd keeps for backward, each storage once, the FP32 master weights excluded."""
+    seen = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = ap.parse_args()
+    preset = args.preset or ("tiny" if args.quick else "small")
+    base = load_config(preset, {"fp8.enabled": False, "train.progress": False})
+    b, s = base.train.micro_batch_size, base.train.seq_len
+    tokens = torch.randint(0, base.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    steps, losses, mems = {}, {}, {}
+    for name in args.variants:
+        cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
+        steps[name], loss_fn, model = make_step(cfg, tokens)
+        mems[name] = saved_bytes(loss_fn, model)
+        steps[name]()  # compile / warm up outside the timing
+    t = interleaved(steps, repeat=3 if args.quick else 5)
+    peak = matmul_peak_flops(torch.bfloat16)
+    fpt = train_flops_per_token(base.model, s)
+    rows = []
+    for name in args.variants:
+        tok_s = b * s / t[name]
+        rows.append({"variant": name, "step_s": t[name], "tokens_per_s": tok_s, "model_tflops": tok_s * fpt / 1e12,
+                     "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
+                     "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan")})
+    summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "flops_per_token": fpt,
+               **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
+    if "fp8" in mems and "bf16" in mems:
+        summary["fp8_saved_bytes_vs_bf16"] = mems["fp8"] / mems["bf16"]
+    notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
+             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / measured bf16 GEMM peak (2048^3).",
+             "saved_for_backward counts tensors autograd keeps between forward and backward (activations)."]
+    write_results(f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
+                  rows, notes, summary)
+    for r in rows:
+        print(f"{r['variant']:>13}: {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu_vs_bf16_peak']:5.1f}%  "
+              f"x{r['time_vs_bf16']:.2f} vs bf16  saved {r['saved_for_backward_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
