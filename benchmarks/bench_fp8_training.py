@@ -107,6 +107,7 @@ def compare() -> int:
     summary = {"final_loss_bf16": final["bf16"], "final_loss_fp8": final["fp8"], "relative_difference": rel,
                "target": TARGET, "passed": bool(rel < TARGET and same_len and sides["fp8"][0][-1] >= 2000)}
     tc = _run_train_config("bf16")
+    windows = _window_differences(sides, 250)
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
@@ -116,6 +117,10 @@ def compare() -> int:
              "FP8: every Linear of attention, dense MLPs, shared and routed experts in blockwise E4M3 "
              "(1x128 activations, 128x128 weights, 128x1 Wgrad re-tiling, online scales); BF16: the same model "
              "with bf16 GEMMs. Both keep FP32 master weights and AdamW state.",
+             "Relative difference of the mean training loss by 250-step window (same steps, same data): "
+             + ", ".join(f"{k} {v:+.2%}" for k, v in windows.items()) + ".",
+             *[f"The {p} run was interrupted and resumed from its checkpoint at step {step} (the trainer resumes "
+               "bit for bit)." for p, step in _resumes().items()],
              "tokens/s and elapsed s are as logged at the last step of each run (a resumed run counts from its "
              "resume) on a shared, loaded machine: not a speed comparison; see fp8_cost for that."]
     write_results("fp8_training", "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
@@ -123,6 +128,26 @@ def compare() -> int:
     plot(sides, rel)
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
+
+
+def _resumes() -> dict[str, int]:
+    from moeforge.train.metrics import read_records
+
+    return {p: r["step"] for p in ("bf16", "fp8") for r in read_records(RUN_ROOT / p / "metrics.jsonl")
+            if r.get("kind") == "info" and r.get("resumed_from")}
+
+
+def _window_differences(sides: dict, width: int) -> dict[str, float]:
+    """(fp8 - bf16) / bf16 of the mean loss over consecutive windows of common steps:
+    shows whether a final gap is systematic from the start or opens up later."""
+    d16, d8 = (dict(zip(sides[p][0], sides[p][1])) for p in ("bf16", "fp8"))
+    common = sorted(set(d16) & set(d8))
+    out = {}
+    for i in range(0, len(common), width):
+        w = common[i:i + width]
+        m16, m8 = sum(d16[s] for s in w) / len(w), sum(d8[s] for s in w) / len(w)
+        out[f"{w[0]}-{w[-1]}"] = (m8 - m16) / m16
+    return out
 
 
 def _run_train_config(precision: str) -> dict:
