@@ -9,12 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from moeforge.errors import ConfigError
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
+from moeforge.errors import require as _require
 
 
 @dataclass
