@@ -21,10 +21,10 @@ import torch
 
 from moeforge.config import Config, ModelConfig
 
-SAMPLE_PROMPTS = [
-    "What is 17 + 25?",
-    "A box holds 6 rows of 4 apples. How many apples are in the box?",
-    "Write a Python function that returns the square of a number.",
+SAMPLE_PROMPTS = [  # in the style of the built-in SFT and math data, so samples show what was learned
+    "What is 7 + 5?",
+    "What is 4 * 3?",
+    "How many letters are in the word 'harbor'?",
 ]
 
 
