@@ -113,21 +113,28 @@ class Transformer(nn.Module):
         return [blk.attn.new_cache(batch, max_len, dtype or self.compute_dtype, dev) for blk in self.layers]
 
     # ------------------------------------------------------------------ forward
+    def output_heads(self, h: torch.Tensor, emb: torch.Tensor, with_mtp: bool = True):
+        """The tail of :meth:`forward`: final norm and head on the last hidden states ``h``,
+        then the MTP depths (fed the token embeddings ``emb``). Returns (normed h, logits,
+        MTP logits). Uses only ``norm``, ``head`` and ``mtp``, so a pipeline's last stage,
+        which holds those modules under the same names, calls it on itself."""
+        hn = self.norm(h)
+        logits = self.head(hn).float()
+        mtp_logits = []
+        for k, mod in enumerate(self.mtp if with_mtp else (), start=1):
+            if emb.shape[1] <= k:
+                break
+            h = mod(h[:, :-1], emb[:, k:])
+            mtp_logits.append(self.head(mod.norm(h)).float())
+        return hn, logits, mtp_logits
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
                 with_mtp: bool = True) -> ModelOutput:
         emb = self.embed(tokens).to(self.compute_dtype)
         h = emb
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, None if cache is None else cache[i])
-        hn = self.norm(h)
-        logits = self.head(hn).float()
-        mtp_logits = []
-        if with_mtp and cache is None and len(self.mtp) > 0:
-            for k, mod in enumerate(self.mtp, start=1):
-                if tokens.shape[1] <= k:
-                    break
-                h = mod(h[:, :-1], emb[:, k:])
-                mtp_logits.append(self.head(mod.norm(h)).float())
+        hn, logits, mtp_logits = self.output_heads(h, emb, with_mtp and cache is None)
         out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=hn)
         moes = [m for m in self.moe_layers() if m.last_counts is not None]
         if moes:

@@ -125,16 +125,8 @@ class Stage(nn.Module):
             h = layer(h)
         if self.head is None:
             return self._collect_moe_stats(h), emb.clone() if self.embed is None else emb
-        # the tail of Transformer.forward (kept in step with it): head, then MTP depths
-        logits = self.head(self.norm(h)).float()
-        outs = [logits]
-        for k, mod in enumerate(self.mtp, start=1):
-            if h.shape[1] <= k:
-                break
-            h = mod(h[:, :-1], emb[:, k:])
-            outs.append(self.head(mod.norm(h)).float())
-        outs[0] = self._collect_moe_stats(outs[0])
-        return tuple(outs)
+        _, logits, mtp_logits = Transformer.output_heads(self, h, emb)  # the model's own tail
+        return (self._collect_moe_stats(logits), *mtp_logits)
 
 
 class PipelineModel(nn.Module):
