@@ -88,7 +88,8 @@ class Stage(nn.Module):
     def __init__(self, model: Transformer, layers: range, first: bool, last: bool, moe_index: dict[int, int]):
         super().__init__()
         self.compute_dtype = model.compute_dtype
-        self.aux_scale = model.cfg.seq_aux_alpha
+        self.alpha = model.cfg.seq_aux_alpha
+        self.aux_grad = self.alpha  # d(backpropagated loss)/d(aux); set per step by PipelineModel.step
         self.embed = model.embed if first else None
         # keyed by the global index, so names match the unpipelined model
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
@@ -108,14 +109,14 @@ class Stage(nn.Module):
             if m.last_aux_loss is not None:
                 aux.append(m.last_aux_loss)
             m.last_counts = m.last_aux_loss = None
-        if aux and self.aux_scale > 0:
+        if aux and self.alpha > 0:
             total = torch.stack(aux).sum()
-            self.aux_loss = self.aux_loss + self.aux_scale * total.detach()  # for the reported loss
+            self.aux_loss = self.aux_loss + self.alpha * total.detach()  # for the reported loss
             if torch.is_grad_enabled():
-                h = _AttachAux.apply(h, total, self.aux_scale)
+                h = _AttachAux.apply(h, total, self.aux_grad)
         return h
 
-    def forward(self, *args):
+    def forward(self, *args, with_mtp: bool = True):
         if self.embed is not None:
             emb = self.embed(args[0]).to(self.compute_dtype)
             h = emb
@@ -125,7 +126,7 @@ class Stage(nn.Module):
             h = layer(h)
         if self.head is None:
             return self._collect_moe_stats(h), emb.clone() if self.embed is None else emb
-        _, logits, mtp_logits = Transformer.output_heads(self, h, emb)  # the model's own tail
+        _, logits, mtp_logits = Transformer.output_heads(self, h, emb, with_mtp)  # the model's own tail
         return (self._collect_moe_stats(logits), *mtp_logits)
 
 
@@ -162,9 +163,9 @@ class PipelineModel(nn.Module):
 
     def _loss_fn(self, output, labels: torch.Tensor) -> torch.Tensor:
         out = ModelOutput(logits=output[0], mtp_logits=list(output[1:]))
-        parts = lm_loss(out, labels, self.cfg.model)
+        parts = lm_loss(out, labels, self.cfg.model, mtp_lambda=self._mtp_lambda)
         self._parts.append({k: v.detach() for k, v in parts.items()})
-        return parts["loss"]
+        return parts["loss"] / self._loss_div
 
     def _io_shapes(self, st: Stage, mb: int, seq: int):
         """Example (meta) inputs and outputs of a stage, so no shape-inference forward runs
@@ -175,8 +176,11 @@ class PipelineModel(nn.Module):
         ins = (torch.empty(mb, seq, dtype=torch.long, device="meta"),) if st.embed is not None else (hidden, hidden)
         if st.head is None:
             return ins, (hidden, hidden)
-        depths = [k for k in range(len(st.mtp) + 1) if seq > k]
-        return ins, tuple(torch.empty(mb, seq - k, m.vocab_size, device="meta") for k in depths)
+        return ins, tuple(torch.empty(mb, seq - k, m.vocab_size, device="meta") for k in self._depths(seq, True))
+
+    def _depths(self, seq: int, with_mtp: bool) -> list[int]:
+        """Which outputs the last stage makes: 0 (the logits), then the MTP depths that fit."""
+        return [k for k in range(self.cfg.model.mtp_depth + 1 if with_mtp else 1) if seq > k]
 
     def schedule(self, tokens: torch.Tensor):
         if self._schedule is None:
@@ -191,23 +195,32 @@ class PipelineModel(nn.Module):
                                              group=group))
             cls = SCHEDULES[p.pp_schedule]
             arg = pstages[0] if p.stages_per_rank == 1 else pstages
-            self._schedule = cls(arg, p.pp_microbatches, loss_fn=self._loss_fn)
+            # the loss is pre-divided instead: the schedule's own scaling would also divide
+            # gradients accumulated by earlier calls (gradient accumulation across steps)
+            self._schedule = cls(arg, p.pp_microbatches, loss_fn=self._loss_fn, scale_grads=False)
         return self._schedule
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, mtp_lambda: float | None = None,
+             divide: int = 1) -> dict[str, torch.Tensor]:
         """Forward + backward of one batch through the pipeline (gradients accumulate).
 
-        Returns the batch's mean loss parts (same on every pp rank) and ``counts``
-        [n_moe_layers, E_local]: tokens per expert summed over micro-batches, all layers.
+        Backpropagates the batch's mean loss divided by ``divide`` (the trainer's number of
+        accumulated batches). Returns the batch's mean loss parts, undivided and the same
+        on every pp rank, and ``counts`` [n_moe_layers, E_local]: tokens per expert summed
+        over micro-batches, all layers.
         """
-        self._parts = []
+        n = self.cfg.parallel.pp_microbatches
+        self._parts, self._mtp_lambda, self._loss_div = [], mtp_lambda, n * divide
         for st in self.stages:
-            st.counts, st.aux_loss = {}, 0.0
+            st.counts, st.aux_loss, st.aux_grad = {}, 0.0, st.alpha / (n * divide)
         args = (tokens,) if self.holds_first else ()
         kw = {"target": labels, "losses": []} if self.holds_last else {}
         self.schedule(tokens).step(*args, **kw)
         dev = tokens.device
-        keys = ("loss", "lm", "mtp", "aux")
+        m = self.cfg.model
+        # the keys lm_loss returns for this model (fixed, so every rank reduces the same vector)
+        keys = ["loss", "lm"] + ["mtp"] * bool(self._depths(tokens.shape[1], True)[1:])
+        keys += ["aux"] * (self.n_moe > 0 and m.seq_aux_alpha > 0)
         sums = torch.zeros(len(keys), device=dev)
         for parts in self._parts:
             for j, k in enumerate(keys):
@@ -215,7 +228,8 @@ class PipelineModel(nn.Module):
                     sums[j] += parts[k].float()
         for st in self.stages:  # the balance loss never reaches the loss function: add it here
             sums[0] += st.aux_loss
-            sums[3] += st.aux_loss
+            if "aux" in keys:
+                sums[keys.index("aux")] += st.aux_loss
         counts = torch.zeros(self.n_moe, self.n_experts_local, device=dev)
         for st in self.stages:
             for gi, c in st.counts.items():
@@ -223,10 +237,38 @@ class PipelineModel(nn.Module):
         group = self.mesh.group("pp")
         dist.all_reduce(sums, group=group)
         dist.all_reduce(counts, group=group)
-        n = self.cfg.parallel.pp_microbatches
-        result = {k: sums[j] / n for j, k in enumerate(keys) if k == "loss" or k == "lm" or sums[j] != 0}
+        result = {k: sums[j] / n for j, k in enumerate(keys)}
         result["counts"] = counts
         return result
+
+    def forward(self, tokens: torch.Tensor, with_mtp: bool = False) -> ModelOutput:
+        """The model's forward without a schedule, for evaluation: this rank's stages run in
+        global stage order on the whole batch, activations go point to point, and the last
+        stage's logits (and MTP logits with ``with_mtp``) are broadcast over pp, so every rank
+        returns the same :class:`ModelOutput` (without MoE statistics). Training uses :meth:`step`."""
+        p, m = self.cfg.parallel, self.cfg.model
+        last = p.pp * p.stages_per_rank - 1
+        owner = {s: r for r in range(p.pp) for s in stage_ids(r, p.pp, p.pp_schedule)}
+        group, me = self.mesh.group("pp"), self.mesh.rank("pp")
+        mine = dict(zip(self.stage_index, self.stages))
+        b, seq = tokens.shape
+        out: tuple = (tokens,)
+        for s in sorted(mine):
+            if s > 0 and owner[s - 1] != me:
+                out = tuple(torch.empty(b, seq, m.dim, dtype=mine[s].compute_dtype, device=tokens.device)
+                            for _ in range(2))
+                for t in out:
+                    dist.recv(t, group=group, group_src=owner[s - 1])
+            out = mine[s](*out, with_mtp=with_mtp)
+            if s < last and owner[s + 1] != me:
+                for t in out:
+                    dist.send(t.detach().contiguous(), group=group, group_dst=owner[s + 1])
+        if owner[last] != me:
+            out = tuple(torch.empty(b, seq - k, m.vocab_size, device=tokens.device)
+                        for k in self._depths(seq, with_mtp))
+        for t in out:
+            dist.broadcast(t, group=group, group_src=owner[last])
+        return ModelOutput(logits=out[0], mtp_logits=list(out[1:]))
 
 
 def build_pipeline(model: Transformer, cfg: Config, mesh) -> PipelineModel:

@@ -5,16 +5,15 @@ here falls through to the single-process code, bit for bit.
 
 Choices:
 - :func:`setup` joins the process group only when ``WORLD_SIZE > 1``, after the layout
-  has been checked (one-line errors before any process-group work). Pipeline
-  parallelism is refused there: its schedule runs forward *and* backward inside
-  ``PipelineModel.step``, which the stage interface (``stage.loss`` then backward) does
-  not express yet.
+  has been checked (one-line errors before any process-group work). Every layout
+  ``check_layout`` accepts runs, pipeline parallelism included: the pretrain stage then
+  drives the schedule through the loop's ``forward_backward`` hook (see ``loop.py``).
 - ``train.micro_batch_size`` is per data-parallel rank (as torchrun users expect); the
   global batch is ``micro_batch_size * dp * micro-batches``, and token counts (batch
   ramp, tokens/s) are global. So ``dp_shard=2, micro_batch_size=2`` trains on exactly the
   batches of one process with ``micro_batch_size=4``.
-- One all-reduce per step carries the loss parts (averaged over ranks; tensor-parallel
-  ranks hold equal copies, so the world mean is the dp mean) and the squared gradient
+- One all-reduce per step carries the loss parts (averaged over ranks; tensor- and
+  pipeline-parallel ranks hold equal copies, so the world mean is the dp mean) and the squared gradient
   norm. Every rank therefore sees the same numbers: the finiteness check, clipping and
   the skip decision agree without another collective.
 - The gradient norm is layout-agnostic: each rank sums the squares of the gradient
@@ -26,8 +25,9 @@ Choices:
   the usual ``.tmp-step_XXXXXX`` directory; rank 0 then adds ``state.json`` (checksums of
   every file) and the ``COMPLETE`` marker and renames, exactly as ``checkpoint.py`` does
   for one process, so ``verify``/``latest``/fallback work unchanged. DCP records global
-  shapes, so such a checkpoint resumes under another dp/ep layout or in one process
-  (``restore`` recognises it by DCP's ``.metadata`` file). This assumes the ranks share
+  shapes, so such a checkpoint resumes under another dp/ep/pp layout or in one process
+  (``restore`` recognises it by DCP's ``.metadata`` file); under pp each rank writes its
+  stages' tensors, under the unpipelined names. This assumes the ranks share
   one filesystem (one machine, or a shared mount on a cluster).
 """
 
@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from moeforge.config import Config, ConfigError
+from moeforge.config import Config
 from moeforge.parallel import build_mesh, check_layout, init_distributed
 from moeforge.parallel.checkpoint import is_expert, load_named, save_named
 from moeforge.parallel.mesh import ParallelMesh, device
@@ -58,9 +58,6 @@ def setup(cfg: Config) -> ParallelMesh | None:
     check_layout(cfg, world)
     if world == 1:
         return None
-    if cfg.parallel.pp > 1:
-        raise ConfigError("parallel.pp > 1: the trainer does not drive pipeline schedules yet; use dp_shard, "
-                          "dp_replicate, tp and ep")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and local > 1 and "OMP_NUM_THREADS" not in os.environ:
         # several ranks share this machine's cores: without a cap each would start one

@@ -11,6 +11,9 @@ A stage is any object with this small interface (duck-typed; see :class:`Stage`)
                                        MoE bias update; use ModelOutput.expert_counts)
     evaluate(model) -> dict[str,float] held-out metrics; called in eval mode, no_grad
     state_dict() / load_state_dict(d)  JSON-safe data position, saved in checkpoints
+    forward_backward(model, batch, step, n) -> dict   optional: for a model that runs
+                                       backward itself (a pipeline schedule); backpropagates
+                                       loss / n and returns the parts as ``loss`` would
 
 One optimizer step (:func:`train`):
   micro-batches per step from the batch ramp -> for each: ``loss/n`` backward (gradients
@@ -176,6 +179,17 @@ def restore(path: Path, cfg: Config, model: nn.Module, opt: AdamW, stage: Stage,
                         f"({type(e).__name__}: {e})") from None
 
 
+def forward_backward(stage: Stage, model: nn.Module, batch: Any, step: int, n_micro: int) -> dict[str, torch.Tensor]:
+    """One micro-batch: its loss parts, with ``loss / n_micro`` backpropagated (by the stage
+    itself when it has ``forward_backward``, e.g. through a pipeline schedule)."""
+    own = getattr(stage, "forward_backward", None)
+    if own is not None:
+        return own(model, batch, step, n_micro)
+    parts = stage.loss(model, batch, step)
+    (parts["loss"] / n_micro).backward()
+    return parts
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, stage: Stage) -> dict[str, float]:
     model.eval()
@@ -227,8 +241,7 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                 counts = None
                 for i in range(n_micro):
                     with grad_sync(model, i == n_micro - 1):  # one gradient reduction per step
-                        parts = stage.loss(model, stage.next_batch(), step)
-                        (parts["loss"] / n_micro).backward()
+                        parts = forward_backward(stage, model, stage.next_batch(), step, n_micro)
                     c = parts.get("expert_counts")
                     if c is not None:
                         counts = c.detach().clone() if counts is None else counts + c.detach()

@@ -20,7 +20,10 @@ Choices:
   comes from ``[parallel]``, ``parallel.apply`` wraps the model after the FP8 swap and
   before compilation, each data-parallel rank reads its own slice of every global batch
   (``train.micro_batch_size`` is per rank), and rank 0 alone writes the run directory's
-  files and prints (see ``distributed.py``).
+  files and prints (see ``distributed.py``). Under pipeline parallelism the stage is
+  :class:`PipelinePretrainStage`, whose ``forward_backward`` hands each batch to the
+  schedule (the loop's hook for models that run backward themselves); evaluation calls
+  the pipeline's plain forward, so ``evaluate`` is shared.
 """
 
 from __future__ import annotations
@@ -86,6 +89,17 @@ class PretrainStage:
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
+
+
+class PipelinePretrainStage(PretrainStage):
+    """:class:`PretrainStage` for a :class:`~moeforge.parallel.pipeline.PipelineModel`: the
+    schedule runs forward and backward of each batch (split into ``parallel.pp_microbatches``)
+    in one call, so the stage provides ``forward_backward`` instead of a loss to backpropagate."""
+
+    def forward_backward(self, model, batch: torch.Tensor, step: int, n_micro: int) -> dict[str, torch.Tensor]:
+        parts = model.step(batch[:, :-1], batch[:, 1:], mtp_lambda=self.mtp_lambda(step), divide=n_micro)
+        parts["expert_counts"] = parts.pop("counts")
+        return parts
 
 
 def pick_device(name: str) -> torch.device:
@@ -178,7 +192,8 @@ def run_pretrain(cfg: Config, resume: str | Path | None = None, datasets=None) -
     device = pick_device(cfg.train.device)  # under CUDA, init_distributed made "cuda" this rank's GPU
     model = build_model(cfg, device, mesh)
     dp = (mesh.rank("dp"), mesh.dp) if mesh is not None else (0, 1)
-    stage = PretrainStage(cfg, train_ds, val_ds, device, *dp)
+    stage_cls = PipelinePretrainStage if cfg.parallel.pp > 1 else PretrainStage
+    stage = stage_cls(cfg, train_ds, val_ds, device, *dp)
     result = train(model, stage, cfg, run_dir, resume=resume_path, mesh=mesh)
     if not main:
         return result
