@@ -225,6 +225,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     param_dtype: str = "fp32"  # FSDP all-gather dtype: "fp32" | "bf16" (gradients reduce in fp32)
     loss_parallel: bool = False  # tp: keep logits vocab-sharded and use a vocabulary-parallel loss
+    sequence_parallel: bool = False  # tp: norms and the residual stream on sequence shards between sub-layers
 
     @property
     def world_size(self) -> int:
@@ -242,6 +243,9 @@ class ParallelConfig:
         require(self.pp_schedule in ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev"),
                 f"parallel.pp_schedule must be one of gpipe, 1f1b, interleaved1f1b, zbv, dualpipev; got {self.pp_schedule!r}")
         require(self.param_dtype in ("fp32", "bf16"), f"parallel.param_dtype must be 'fp32' or 'bf16', got {self.param_dtype!r}")
+        if self.sequence_parallel:
+            require(self.tp > 1, f"parallel.sequence_parallel needs parallel.tp > 1, got tp={self.tp}")
+            require(self.pp == 1, "parallel.sequence_parallel with parallel.pp > 1 is not supported yet")
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -276,6 +280,9 @@ class Config:
             require((p.dp_replicate * p.dp_shard) % p.ep == 0,
                     f"parallel.ep={p.ep} must divide the data-parallel size dp_replicate*dp_shard="
                     f"{p.dp_replicate * p.dp_shard} (experts are spread over data-parallel ranks)")
+        if p.sequence_parallel:
+            require(self.train.seq_len % p.tp == 0,
+                    f"parallel.sequence_parallel: parallel.tp={p.tp} does not divide train.seq_len={self.train.seq_len}")
         if p.tp > 1 and m.attn_type == "mha":
             kv = m.n_kv_heads or m.n_heads
             require(kv % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={kv}")

@@ -1,28 +1,61 @@
 """Tensor parallelism on 2 gloo ranks equals the single process (fp32, rtol 1e-4).
 
-One spawn: tp=2 (heads, dense MLP, shared experts and head split). It compares 2 AdamW steps' losses, every gradient of the second step (gathered from its
-DTensor shards, and the replicated ones as they are, which catches a missing gradient
-reduction such as MLA's shared RoPE key) and the parameters afterwards.
+One spawn, three layouts, each compared on 2 AdamW steps: the losses, every gradient of
+the second step (gathered from its DTensor shards, and the replicated ones as they are,
+which catches a missing gradient reduction such as MLA's shared RoPE key or a sequence-
+parallel norm's weight) and the parameters afterwards:
+- tp=2: heads, dense MLP, shared experts and head split;
+- tp=2 + sequence parallelism: norms and the residual stream on sequence shards;
+- tp=2 + sequence parallelism + vocabulary-parallel loss (logits stay vocab-sharded).
 """
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from test_parallel_harness import assert_params_match, batches, reference, run_layout, spawn, tiny_config
+from test_parallel_harness import TINY, assert_params_match, batches, reference, run_layout, spawn, tiny_config
+
+from moeforge.config import ConfigError, load_config
+
+
+def _check(ref, data, **parallel):
+    ref_model, ref_losses, _, ref_grads, _ = ref
+    cfg, mesh, model, losses, biases, grads, _ = run_layout(data, keep_grads=True, **parallel)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-4, atol=0)
+    assert_params_match(model, ref_model, mesh, rtol=1e-4, atol=1e-7, ref_grads=ref_grads, grads=grads)
+    assert_params_match(model, ref_model, mesh)
+    return cfg, model
 
 
 def _worker(rank, world):
     data = batches(2)
-    ref_model, ref_losses, _, ref_grads, _ = reference(tiny_config(), data, keep_grads=True)
-    cfg, mesh, model, losses, biases, grads, _ = run_layout(data, keep_grads=True, tp=2)
+    ref = reference(tiny_config(), data, keep_grads=True)
+    cfg, model = _check(ref, data, tp=2)
     assert isinstance(model.layers[0].attn.wkv_b.weight, DTensor)
     assert model.layers[0].attn.n_heads == cfg.model.n_heads // 2  # local heads
-    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-4, atol=0)
-    assert_params_match(model, ref_model, mesh, rtol=1e-4, atol=1e-7, ref_grads=ref_grads, grads=grads)
-    assert_params_match(model, ref_model, mesh)
+
+    seen = []  # the residual stream's length inside a block: half the sequence under SP
+    cfg, model = _check(ref, data, tp=2, sequence_parallel=True)
+    model.layers[1].ffn_norm.register_forward_hook(lambda _m, _a, out: seen.append(out.shape[1]))
+    model(data[0][0])
+    assert seen == [data[0][0].shape[1] // 2]
+    assert isinstance(model.layers[1].ffn_norm.weight, DTensor)
+
+    cfg, model = _check(ref, data, tp=2, sequence_parallel=True, loss_parallel=True)
+    logits = model(data[0][0]).logits
+    assert isinstance(logits, DTensor) and logits.to_local().shape[-1] == cfg.model.vocab_size // 2
 
 
 @pytest.mark.slow
-def test_tp2_matches_single_process():
+def test_tp2_and_sequence_parallel_match_single_process():
     spawn(_worker, 2)
+
+
+@pytest.mark.parametrize("over, needs", [
+    ({}, "needs parallel.tp > 1"),
+    ({"parallel.tp": 2, "train.seq_len": 15}, "tp=2 does not divide train.seq_len=15"),
+    ({"parallel.tp": 2, "parallel.pp": 2}, "pp > 1 is not supported"),
+])
+def test_sequence_parallel_config_is_validated(over, needs):
+    with pytest.raises(ConfigError, match=needs):
+        load_config(None, {**TINY, "parallel.sequence_parallel": True, **over})

@@ -2,7 +2,8 @@
 
 Order matters and is fixed here:
 1. pipeline: cut the model into this rank's stages (everything after works per stage);
-2. tensor parallel: DTensor plans on attention, dense MLP, shared experts, embed, head;
+2. tensor parallel: DTensor plans on attention, dense MLP, shared experts, head (and the
+   norms under sequence parallelism);
 3. expert parallel: keep this rank's experts, swap in the all-to-all dispatcher;
 4. data parallel: FSDP2 units per block (and per expert group), then the root.
 TP and EP must precede FSDP because FSDP shards whatever parameters it finds (DTensor
@@ -46,7 +47,8 @@ def apply(model: nn.Module, mesh: ParallelMesh | None, cfg: Config) -> nn.Module
         pipe, parts = None, [model]
     for part in parts:
         if p.tp > 1:
-            apply_tensor_parallel(part, mesh, vocab_parallel_loss=p.loss_parallel and pipe is None)
+            apply_tensor_parallel(part, mesh, vocab_parallel_loss=p.loss_parallel and pipe is None,
+                                  sequence_parallel=p.sequence_parallel)
         if p.ep > 1:
             apply_expert_parallel(part, mesh)
         if mesh.dp > 1:

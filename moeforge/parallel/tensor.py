@@ -1,4 +1,5 @@
-"""Tensor parallelism with DTensor plans: attention heads, dense MLP and shared experts.
+"""Tensor parallelism with DTensor plans: attention heads, dense MLP, shared experts, head;
+optional sequence parallelism and vocabulary-parallel loss.
 
 Choices:
 - Megatron's pairing: the first projection of a sub-layer is split by output columns
@@ -12,12 +13,20 @@ Choices:
   * Dense MLP and shared experts: ``w1``, ``w3`` colwise, ``w2`` rowwise. Routed experts
     are not split here; they scale with expert parallelism (expert.py).
   * Head colwise over the vocabulary, gathered back to full logits unless
-    vocabulary-parallel loss is on (then logits stay a vocab-sharded DTensor: wrap the
-    loss in :func:`loss_context`; ``lm_loss`` must then turn the replicated DTensor
-    cross-entropy into a local tensor, e.g. ``.full_tensor()``, before adding the plain
-    balance loss, or backward mixes the two). The embedding stays replicated: a rowwise (vocab-split)
-    embedding together with the colwise head failed in backward on torch 2.13 once MTP
-    reuses both ("mixed torch.Tensor and DTensor"), and it is a lookup, not a GEMM.
+    vocabulary-parallel loss is on. The embedding stays replicated: a rowwise
+    (vocab-split) embedding together with the colwise head failed in backward on torch
+    2.13 once MTP reuses both ("mixed torch.Tensor and DTensor"), and it is a lookup, not a GEMM.
+- Vocabulary-parallel loss (``parallel.loss_parallel``): logits stay a vocab-sharded
+  DTensor and ``F.cross_entropy`` on them runs torch's ``loss_parallel`` kernels (each
+  rank reduces max / sum-exp over its vocabulary slice, never a full [tokens, V] tensor).
+  Those kernels are DTensor op handlers that ``loss_parallel()`` installs only inside
+  its ``with`` block, and the backward must run inside it too. A trainer loop would have
+  to wrap both forward-loss and ``backward()`` in :func:`loss_context`; instead,
+  :func:`apply_tensor_parallel` installs the handlers for the whole process when the
+  option is on, so any loop works unchanged. They only act on DTensor log-softmax /
+  NLL ops, and with the option on the only such DTensors are these logits.
+  ``lm_loss`` turns the replicated DTensor loss into a plain tensor before adding the
+  plain balance loss. :func:`loss_context` remains for callers that want the scope.
 - Heads per rank: modules keep the *global* head count in ``n_heads``; TP rewrites it to
   the local count so their ``view(b, s, n_heads, ...)`` reshapes local shards. This is
   training/prefill only: the absorbed MLA decode path reads ``wkv_b.weight`` whole.
@@ -25,10 +34,30 @@ Choices:
   heads, so each rank's backward only sees its own heads' share of its gradient; a hook
   on ``wkv_a`` all-reduces that share (identity forward, sum backward). The latent part
   needs no such fix: ``wkv_b``'s colwise input already reduces its gradient.
-- Every other tensor between sub-layers is a plain replicated tensor
-  (``use_local_output=True``), so residual adds, RMSNorm and the MoE router need no
-  DTensor awareness. Sequence parallelism (norms on sequence shards) is not implemented
-  yet: it would turn the residual stream into DTensors through MLA and the MoE router.
+- Without sequence parallelism every tensor between sub-layers is a plain replicated
+  tensor, so residual adds, RMSNorm and the MoE router need no DTensor awareness.
+- Sequence parallelism (``parallel.sequence_parallel``): between sub-layers the residual
+  stream of the main layers is a plain tensor holding this rank's S/tp positions, and the
+  two norms of each block run on it (``SequenceParallel`` style: replicated weight,
+  gradient reduced by DTensor). Each sub-layer all-gathers its normalised input once
+  (a pre-hook on ``attn`` / ``ffn``) and leaves through a reduce-scatter (``wo`` and the
+  MLP's ``w2`` rowwise with ``Shard(1)`` output) instead of an all-reduce: the same
+  bytes moved, activations between sub-layers divided by tp.
+  * Attention (MLA and MHA) sees all positions as without SP, so the RoPE-key hook,
+    the replicated ``wq_a`` / ``wkv_a`` and causal attention are unchanged. Gathering
+    the latents instead of the dim-wide input would move fewer bytes; not done.
+  * MoE: routed experts see the full gathered tokens (chosen over "each rank routes its
+    own shard"): routing, the expert counts and the sequence-wise balance loss are then
+    exactly those of plain TP, whose balance loss needs whole sequences (f_i * P_i is a
+    product of two per-sequence sums, not a sum over shards). The routed work is
+    repeated on the tp ranks as without SP; split it with expert parallelism. Shared
+    experts keep their colwise/rowwise plan; the MoE output (replicated) is then
+    cut to this rank's positions (free forward, all-gather backward).
+  * The stream is cut to sequence shards entering the first main layer and gathered
+    leaving the last (per pipeline stage), so the final norm, head and MTP see full
+    sequences. MTP blocks use plain TP: they see S-k positions, which tp rarely divides.
+  * The sequence length of the main layers must be divisible by tp (checked by the
+    config for ``train.seq_len``, and here at run time).
 """
 
 from __future__ import annotations
@@ -38,13 +67,17 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
+                                               parallelize_module)
+from torch.distributed.tensor.parallel.loss import _enable_custom_loss_ops
 
 from moeforge.model.attention import MLA, MHA
 from moeforge.model.layers import MLP
 from moeforge.model.moe import MoE
 from moeforge.model.transformer import Block
+
+SEQ = Shard(1)  # sequence-parallel layout of [B, S, D] activations
 
 
 class _SumGrad(torch.autograd.Function):
@@ -70,13 +103,39 @@ def _rope_key_hook(attn: MLA, group: dist.ProcessGroup):
     return hook
 
 
-def _mlp_plan(prefix: str) -> dict:
-    return {f"{prefix}w1": ColwiseParallel(), f"{prefix}w3": ColwiseParallel(), f"{prefix}w2": RowwiseParallel()}
+def _relayout(t: torch.Tensor, mesh, src, dst) -> torch.Tensor:
+    """Plain local tensor laid out as ``src`` over ``mesh`` -> plain local tensor as ``dst``
+    (differentiable: the backward is the reverse collective)."""
+    if not isinstance(t, DTensor):
+        n = t.shape[SEQ.dim] * (mesh.size() if src == SEQ else 1)
+        if n % mesh.size():
+            raise ValueError(f"sequence parallelism: {n} positions are not divisible by tp={mesh.size()}")
+        t = DTensor.from_local(t, mesh, (src,), run_check=False)
+    return t.redistribute(mesh, (dst,)).to_local()
 
 
-def block_plan(blk: Block, tp: int, group: dist.ProcessGroup) -> dict:
-    """The plan for one block; also rescales its attention's head counts to local ones."""
+def _relayout_input(module: nn.Module, mesh, src, dst) -> None:
+    """Relayout a module's first positional input (the activations) before its forward."""
+    module.register_forward_pre_hook(lambda _m, args: (_relayout(args[0], mesh, src, dst), *args[1:]))
+
+
+def _relayout_output(module: nn.Module, mesh, src, dst) -> None:
+    module.register_forward_hook(lambda _m, _args, out: _relayout(out, mesh, src, dst))
+
+
+def _mlp_plan(prefix: str, out=Replicate()) -> dict:
+    return {f"{prefix}w1": ColwiseParallel(), f"{prefix}w3": ColwiseParallel(),
+            f"{prefix}w2": RowwiseParallel(output_layouts=out)}
+
+
+def block_plan(blk: Block, tp: int, group: dist.ProcessGroup, sequence_parallel: bool = False) -> dict:
+    """The plan for one block; also rescales its attention's head counts to local ones.
+
+    With ``sequence_parallel`` the plan covers the norms and the sub-layers' exits; the
+    all-gathers at their entries are hooks added by :func:`apply_tensor_parallel`.
+    """
     attn, plan = blk.attn, {}
+    out = SEQ if sequence_parallel else Replicate()
     if isinstance(attn, MLA):
         plan["attn.wq" if attn.q_lora_rank == 0 else "attn.wq_b"] = ColwiseParallel()
         plan["attn.wkv_b"] = ColwiseParallel()
@@ -87,26 +146,58 @@ def block_plan(blk: Block, tp: int, group: dist.ProcessGroup) -> dict:
     else:  # pragma: no cover - a new attention type must get its own plan
         raise TypeError(f"no tensor-parallel plan for {type(attn).__name__}")
     attn.n_heads //= tp
-    plan["attn.wo"] = RowwiseParallel()
+    plan["attn.wo"] = RowwiseParallel(output_layouts=out)
     if isinstance(blk.ffn, MLP):
-        plan.update(_mlp_plan("ffn."))
+        plan.update(_mlp_plan("ffn.", out))
     elif isinstance(blk.ffn, MoE) and blk.ffn.shared_experts is not None:
-        plan.update(_mlp_plan("ffn.shared_experts."))
+        plan.update(_mlp_plan("ffn.shared_experts."))  # inside the MoE: replicated, like the routed output
+    if sequence_parallel:
+        plan["attn_norm"] = plan["ffn_norm"] = SequenceParallel(use_local_output=True)
     return plan
 
 
-def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = False) -> nn.Module:
+def _sequence_parallel_block(blk: Block, mesh) -> None:
+    """Entry gathers of a sequence-parallel block (see the module docstring)."""
+    _relayout_input(blk.attn, mesh, SEQ, Replicate())
+    _relayout_input(blk.ffn, mesh, SEQ, Replicate())
+    if isinstance(blk.ffn, MoE):
+        _relayout_output(blk.ffn, mesh, Replicate(), SEQ)
+
+
+def _main_stacks(module: nn.Module) -> list[list[Block]]:
+    """The runs of main-model blocks under ``module`` (a model or pipeline stage), in order."""
+    layers = getattr(module, "layers", None)
+    if layers is None:
+        return []
+    blocks = list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+    return [blocks] if blocks else []
+
+
+def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = False,
+                          sequence_parallel: bool = False) -> nn.Module:
     """Parallelize every block under ``module`` (a model or a pipeline stage) over ``tp``."""
     tp_mesh = mesh.dense["tp"]
     tp, group = tp_mesh.size(), tp_mesh.get_group()
+    sp_blocks = {id(b) for run in _main_stacks(module) for b in run} if sequence_parallel else set()
     for blk in [m for m in module.modules() if isinstance(m, Block)]:
-        parallelize_module(blk, tp_mesh, block_plan(blk, tp, group))
+        sp = id(blk) in sp_blocks
+        parallelize_module(blk, tp_mesh, block_plan(blk, tp, group, sp))
+        if sp:
+            _sequence_parallel_block(blk, tp_mesh)
+    if sequence_parallel:
+        for run in _main_stacks(module):
+            _relayout_input(run[0], tp_mesh, Replicate(), SEQ)  # a free cut; all-gather in backward
+            _relayout_output(run[-1], tp_mesh, SEQ, Replicate())
     if getattr(module, "head", None) is not None:
         parallelize_module(module.head, tp_mesh, ColwiseParallel(
             output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(), use_local_output=not vocab_parallel_loss))
+        if vocab_parallel_loss:
+            _enable_custom_loss_ops()  # process-wide; see the module docstring
     return module
 
 
 def loss_context(enabled: bool):
-    """``loss_parallel()`` when logits are vocab-sharded DTensors, else a no-op context."""
-    return loss_parallel() if enabled else contextlib.nullcontext()
+    """``loss_parallel()`` when logits are vocab-sharded DTensors and its handlers are not
+    installed process-wide already (its exit would remove them), else a no-op context."""
+    installed = torch.ops.aten._log_softmax.default in DTensor._op_dispatcher._custom_op_handlers
+    return loss_parallel() if enabled and not installed else contextlib.nullcontext()
