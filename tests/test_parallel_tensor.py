@@ -59,3 +59,27 @@ def test_tp2_and_sequence_parallel_match_single_process():
 def test_sequence_parallel_config_is_validated(over, needs):
     with pytest.raises(ConfigError, match=needs):
         load_config(None, {**TINY, "parallel.sequence_parallel": True, **over})
+
+
+@pytest.mark.slow
+def test_pretrain_cli_tp2_loss_parallel_sequence_parallel_matches_one_process(tmp_path):
+    """``moeforge pretrain`` under torchrun (the trainer's own loop, no loss_context), 3 steps
+    of 2 accumulated micro-batches with an eval: the logged loss, gradient norm (which
+    feeds clipping) and eval loss equal the single process's."""
+    from test_train_distributed import _close, _single, _torchrun
+    from train_helpers import write_shards
+
+    from moeforge.train.metrics import read_records
+
+    write_shards(tmp_path / "data")
+    common = {"train__steps": 3, "train__ckpt_every": 0, "train__eval_every": 3}
+    _single(tmp_path, "one", **common)
+    _torchrun(tmp_path, "tp2", parallel__tp=2, parallel__loss_parallel=True, parallel__sequence_parallel=True,
+              **common)
+
+    def series(run, key, kind="train"):
+        recs = read_records(tmp_path / "runs" / run / "metrics.jsonl")
+        return {r["step"]: r[key] for r in recs if r.get("kind") == kind}
+
+    for key, kind in (("loss", "train"), ("grad_norm", "train"), ("loss", "eval")):
+        _close(series("tp2", key, kind), series("one", key, kind))
