@@ -8,7 +8,10 @@ checkpoints every 2 steps. Checked, against the single process (fp32, rtol 1e-4)
 - its sharded step-4 checkpoint resumes under dp_shard=2 x ep=2 (experts split over
   the ranks, all-to-all dispatch) and in one process: steps 5-6 match both times;
 - the router bias ends identical on both ranks of both layouts and equal to the single
-  process's (sign updates from the same global counts).
+  process's (sign updates from the same global counts);
+- pp=2 (1F1B, 2 pipeline micro-batches per batch; the forward_backward hook): every
+  step's loss, the eval loss and the bias of the MoE layers each rank holds match, rank
+  0 alone logs, and its step-4 checkpoint resumes in one process (steps 5-6 match).
 
 The ranks run this file as their script: it calls ``moeforge.cli.main`` (the torchrun
 entry point, unchanged) and afterwards saves its rank's router biases for the checks.
@@ -103,6 +106,38 @@ def test_pretrain_dp2_matches_one_process_and_resumes_as_ep2_and_in_one_process(
         torch.testing.assert_close(v, want[k], rtol=1e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.slow
+def test_pretrain_pp2_matches_one_process_and_resumes_in_one_process(tmp_path):
+    write_shards(tmp_path / "data")
+    evals = {"train__eval_every": 3}
+    _single(tmp_path, "one", train__micro_batch_size=4, **evals)
+    _torchrun(tmp_path, "pp2", train__micro_batch_size=4, parallel__pp=2, parallel__pp_microbatches=2, **evals)
+    step4 = tmp_path / "runs" / "pp2" / "checkpoints" / "step_000004"
+    assert (step4 / ".metadata").is_file()
+    _single(tmp_path, "resumed", train__micro_batch_size=4, resume=str(step4), **evals)
+    ref = losses(tmp_path / "runs" / "one")
+    assert len(ref) == 6
+    _close(losses(tmp_path / "runs" / "pp2"), ref)
+    _close(losses(tmp_path / "runs" / "resumed"), {k: v for k, v in ref.items() if k > 4})
+    records = read_records(tmp_path / "runs" / "pp2" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone wrote them
+    norms = {r["step"]: r["grad_norm"] for r in records if r["kind"] == "train"}  # the clipping sees the global norm
+    _close(norms, {r["step"]: r["grad_norm"] for r in read_records(tmp_path / "runs" / "one" / "metrics.jsonl")
+                   if r["kind"] == "train"})
+    ref_eval = [r["loss"] for r in read_records(tmp_path / "runs" / "one" / "metrics.jsonl") if r["kind"] == "eval"]
+    got_eval = [r["loss"] for r in records if r["kind"] == "eval"]
+    assert len(ref_eval) == 2
+    torch.testing.assert_close(torch.tensor(got_eval), torch.tensor(ref_eval), rtol=1e-4, atol=0)
+    ref_bias = _biases(tmp_path, "one", 0)
+    held = 0
+    for rank in (0, 1):
+        for i, got in enumerate(_biases(tmp_path, "pp2", rank)):
+            if got is not None:
+                held += 1
+                assert torch.equal(got, ref_bias[i]), f"pp2 rank {rank}: router bias of MoE layer {i} differs"
+    assert held == len(ref_bias)  # each MoE layer on exactly one stage
+
+
 if __name__ == "__main__":  # one rank (or the single process) of the runs above
     from moeforge.cli import main
     from moeforge.train import pretrain
@@ -112,7 +147,8 @@ if __name__ == "__main__":  # one rank (or the single process) of the runs above
     def train_and_keep_bias(model, stage, cfg, run_dir, **kw):
         result = real_train(model, stage, cfg, run_dir, **kw)
         rank = int(os.environ.get("RANK", "0"))
-        torch.save([m.gate.bias.clone() for m in model.moe_layers()], Path(run_dir) / f"router_bias.rank{rank}.pt")
+        biases = [m.gate.bias.clone() if m is not None else None for m in model.moe_layers()]  # None: another stage's
+        torch.save(biases, Path(run_dir) / f"router_bias.rank{rank}.pt")
         return result
 
     pretrain.train = train_and_keep_bias
