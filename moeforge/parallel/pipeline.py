@@ -11,16 +11,29 @@ Choices:
 - What flows between stages is ``(h, emb)``: the MTP modules on the last stage need the
   token embeddings, and sending them (one extra activation per micro-batch) is simpler
   and exact, where a second tied copy of the embedding would need its own gradient sync.
-- The last stage's output is ``(logits, *mtp_logits)``; ``lm_loss`` runs on it per
-  micro-batch. The schedules scale gradients by 1/n_microbatches, so with equal-sized
-  micro-batches the result is the full-batch mean loss.
+- The last stage's output is ``(logits, *mtp_logits)``, made by
+  ``Transformer.output_heads`` (the model's own tail); ``lm_loss`` runs on it per
+  micro-batch and returns it divided by n_microbatches * ``divide`` (the trainer's number
+  of accumulated batches), so equal-sized micro-batches give the full-batch mean loss.
+  The schedules' own gradient scaling is off: it divides the whole ``.grad``, gradients
+  accumulated by earlier ``step`` calls included.
+- Under FSDP the schedule reduces gradients at the end of every ``step`` call (it
+  overrides ``grad_sync``), so accumulating several calls per optimizer step reduces once
+  per call: correct (FSDP2 accumulates sharded gradients), just without the saving.
 - MoE statistics: the sequence-balance loss of a layer lives on that layer's stage, far
   from the loss function. It is attached to the hidden state with an autograd Function
   that is the identity forward and injects d(total)/d(aux) = alpha in backward (the trick
-  Megatron uses), so no extra tensor crosses stages and the gradient is exact. Tokens
-  per expert accumulate per stage over micro-batches; :meth:`PipelineModel.step` sums the
-  (zero-padded) rows over the pp group so every rank returns all layers' counts in
-  ``Transformer.moe_layers()`` order.
+  Megatron uses), so no extra tensor crosses stages and the gradient is exact (alpha is
+  divided like the loss). Tokens per expert accumulate per stage over micro-batches;
+  :meth:`PipelineModel.step` sums the (zero-padded) rows over the pp group so every rank
+  returns all layers' counts in ``Transformer.moe_layers()`` order. The loss parts
+  returned are a fixed set of keys (those ``lm_loss`` gives for this model), so every
+  rank reduces vectors of the same length.
+- Evaluation: :meth:`PipelineModel.forward` runs the stages one after another without a
+  schedule (any batch size, no backward), sending activations point to point, and
+  broadcasts the last stage's logits over pp, so callers of ``model(tokens)`` (the
+  pretrain stage's ``evaluate``) work unchanged; the price is one [B, S, V] broadcast per
+  evaluation batch.
 - :class:`PipelineModel` is the module the trainer and checkpoints see: its parameter
   names are the unpipelined model's (``layers.7.attn.wo.weight``), because its children
   are the original sub-modules; the stage wrappers are kept outside the module tree.

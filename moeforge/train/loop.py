@@ -39,7 +39,9 @@ Choices:
   step's loss parts and gradient norm come from one all-reduce, so every rank takes the
   same finite/skip/clip decision; the balancing bias moves from the global expert counts
   (identical on all ranks); a stop signal stops all ranks together; checkpoints are
-  sharded (DCP); metrics, progress and plots come from rank 0 only.
+  sharded (DCP); metrics, progress and plots come from rank 0 only. Under pipeline
+  parallelism the schedule runs forward and backward together, so the stage supplies
+  ``forward_backward`` and :func:`forward_backward` uses it; the rest of the step is the same.
 """
 
 from __future__ import annotations
