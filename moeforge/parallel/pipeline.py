@@ -164,7 +164,9 @@ class PipelineModel(nn.Module):
         self.holds_first = 0 in stage_index
         self.holds_last = cfg.parallel.pp * cfg.parallel.stages_per_rank - 1 in stage_index
         self._schedule = None
-        self._parts: list[dict[str, torch.Tensor]] = []
+        self._parts: list[dict[str, torch.Tensor]] = []  # per micro-batch, filled by the loss function
+        self._mtp_lambda: float | None = None  # this step's MTP weight (None: the config's)
+        self._loss_div = 1  # this step's divisor of each micro-batch's loss
 
     def moe_layers(self) -> list[MoE | None]:
         """MoE layers in ``Transformer.moe_layers()`` order; None where another rank holds it."""
