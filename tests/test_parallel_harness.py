@@ -34,13 +34,17 @@ TINY = {
 BATCH, SEQ, LR = 8, 16, 1e-2
 
 
-def tiny_config(**parallel):
-    return load_config(None, {**TINY, **{f"parallel.{k}": v for k, v in parallel.items()}})
+def tiny_config(overrides: dict | None = None, **parallel):
+    """TINY plus dotted ``overrides`` (e.g. ``{"fp8.enabled": True}``) and ``[parallel]`` sizes."""
+    return load_config(None, {**TINY, **(overrides or {}), **{f"parallel.{k}": v for k, v in parallel.items()}})
 
 
 def tiny_model(cfg) -> Transformer:
+    """The seeded tiny model, with FP8 GEMMs when ``cfg.fp8.enabled`` (as the trainer builds it)."""
+    from moeforge.fp8 import convert
+
     torch.manual_seed(0)
-    return Transformer(cfg.model)
+    return convert(Transformer(cfg.model), cfg.fp8)
 
 
 def batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -105,19 +109,29 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def reference(cfg, data, **kw):
-    """The single-process run every layout must reproduce."""
-    ref_cfg = tiny_config()
+def reference(cfg, data, overrides: dict | None = None, **kw):
+    """The single-process run every layout must reproduce (TINY + ``overrides``)."""
+    ref_cfg = tiny_config(overrides)
     model = tiny_model(ref_cfg)
     return (model, *train(model, ref_cfg, None, data, **kw))
 
 
-def run_layout(data, keep_grads: bool = False, accum: int = 1, **parallel):
-    """Build the mesh for ``parallel``, apply it to a fresh tiny model and train on ``data``."""
-    cfg = tiny_config(**parallel)
+def run_layout(data, keep_grads: bool = False, accum: int = 1, overrides: dict | None = None, **parallel):
+    """Build the mesh for ``parallel``, apply it to a fresh tiny model (TINY + ``overrides``)
+    and train on ``data``."""
+    cfg = tiny_config(overrides, **parallel)
     mesh = build_mesh(cfg)
     model = apply(tiny_model(cfg), mesh, cfg)
     return (cfg, mesh, model, *train(model, cfg, mesh, data, accum=accum, keep_grads=keep_grads))
+
+
+def ep_slice(want: torch.Tensor, got: torch.Tensor, mesh) -> torch.Tensor:
+    """The rows of the reference tensor ``want`` that this rank holds as ``got``: its ep
+    slice of an expert stack under expert parallelism, else all of it."""
+    if got.shape == want.shape:
+        return want
+    per, r = got.shape[0], mesh.rank("ep")
+    return want[r * per : (r + 1) * per]
 
 
 def assert_params_match(model, ref_model, mesh=None, rtol=1e-4, atol=1e-6, ref_grads=None, grads=None):
@@ -128,10 +142,7 @@ def assert_params_match(model, ref_model, mesh=None, rtol=1e-4, atol=1e-6, ref_g
     for n, p in model.named_parameters():
         want = ref[n].detach() if ref_grads is None else ref_grads[n]
         got = full(p) if grads is None else grads[n]
-        if got.shape != want.shape:  # an expert slice under expert parallelism
-            per = got.shape[0]
-            r = mesh.rank("ep")
-            want = want[r * per : (r + 1) * per]
+        want = ep_slice(want, got, mesh)
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
 
 

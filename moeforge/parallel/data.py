@@ -14,6 +14,8 @@ Choices:
 - Under expert parallelism each ``GroupedExperts`` becomes its own unit sharded over
   the ``edp`` replicas of its ep shard, and its gradient is divided by the *full* dp
   size: its local gradient is already the sum over the ep group's tokens (expert.py).
+  A divisor other than the group size is a pre-multiplied sum on NCCL; gloo lacks that
+  op, so there the reduction is a plain sum with FSDP scaling before and after.
 - Optional bf16 parameter all-gather (``parallel.param_dtype = "bf16"``) with FP32
   gradient reduction: halves the all-gather volume. The router then sees bf16-rounded
   weights; the FP32 master copy and optimizer are unaffected.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -55,6 +58,9 @@ def apply_fsdp(module: nn.Module, mesh, reshard_after_forward: bool = True, para
         for ex in [m for m in module.modules() if isinstance(m, GroupedExperts)]:
             fully_shard(ex, mesh=mesh.expert["edp"], reshard_after_forward=reshard_after_forward, mp_policy=policy)
             ex.set_gradient_divide_factor(float(mesh.dp))
+            edp = mesh.size("edp")  # (a single replica divides in place; forcing sums there divides twice)
+            if 1 < edp < mesh.dp and dist.get_backend(mesh.group("edp")) != "nccl":
+                ex.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
     dmesh = dp_mesh(mesh)
     for blk in [m for m in module.modules() if isinstance(m, Block)]:
         fully_shard(blk, mesh=dmesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)

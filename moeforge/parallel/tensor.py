@@ -27,6 +27,14 @@ Choices:
   NLL ops, and with the option on the only such DTensors are these logits.
   ``lm_loss`` turns the replicated DTensor loss into a plain tensor before adding the
   plain balance loss. :func:`loss_context` remains for callers that want the scope.
+- The split GEMMs run on local shards: each colwise/rowwise module's own ``forward``
+  is called with its weight's local shard and the local activations, and only the
+  inputs/outputs are DTensors (the styles' hooks do the collectives). So a Linear
+  subclass whose autograd Function knows nothing of DTensor (``Fp8Linear``: blockwise
+  FP8 quantization of *this rank's* shard) works unchanged, and the GEMM pays no DTensor
+  dispatch. The input's gradient is declared ``Partial`` for colwise (each rank holds
+  its heads' share; the style's input hook all-reduces it), the output is ``Shard(-1)``
+  for colwise and ``Partial`` for rowwise (reduced by the style's output hook).
 - Heads per rank: modules keep the *global* head count in ``n_heads``; TP rewrites it to
   the local count so their ``view(b, s, n_heads, ...)`` reshapes local shards. This is
   training/prefill only: the absorbed MLA decode path reads ``wkv_b.weight`` whole.
@@ -67,7 +75,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
                                                parallelize_module)
 from torch.distributed.tensor.parallel.loss import _enable_custom_loss_ops
@@ -121,6 +129,39 @@ def _relayout_input(module: nn.Module, mesh, src, dst) -> None:
 
 def _relayout_output(module: nn.Module, mesh, src, dst) -> None:
     module.register_forward_hook(lambda _m, _args, out: _relayout(out, mesh, src, dst))
+
+
+@contextlib.contextmanager
+def _local_weight(lin: nn.Module):
+    """``lin.weight`` is its local shard (a differentiable view of the DTensor parameter) inside."""
+    w = lin._parameters["weight"]
+    lin._parameters["weight"] = w.to_local()
+    try:
+        yield
+    finally:
+        lin._parameters["weight"] = w
+
+
+def _compute_locally(lin: nn.Module, colwise: bool) -> None:
+    """Run ``lin``'s class ``forward`` on local shards (see the module docstring for the
+    placements of the input's gradient and of the output)."""
+    forward = type(lin).forward
+
+    def local_forward(x: DTensor) -> DTensor:
+        x_grad = Partial() if colwise else Shard(x.ndim - 1)
+        with _local_weight(lin):
+            y = forward(lin, x.to_local(grad_placements=(x_grad,)))
+        return DTensor.from_local(y, x.device_mesh, (Shard(y.ndim - 1) if colwise else Partial(),), run_check=False)
+
+    lin.forward = local_forward
+
+
+def _parallelize(root: nn.Module, mesh, plan: dict) -> None:
+    """``parallelize_module`` plus local GEMMs for the colwise/rowwise modules of ``plan``."""
+    parallelize_module(root, mesh, plan)
+    for name, style in plan.items():
+        if isinstance(style, (ColwiseParallel, RowwiseParallel)):
+            _compute_locally(root.get_submodule(name), colwise=isinstance(style, ColwiseParallel))
 
 
 def _mlp_plan(prefix: str, out=Replicate()) -> dict:
@@ -181,7 +222,7 @@ def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = F
     sp_blocks = {id(b) for run in _main_stacks(module) for b in run} if sequence_parallel else set()
     for blk in [m for m in module.modules() if isinstance(m, Block)]:
         sp = id(blk) in sp_blocks
-        parallelize_module(blk, tp_mesh, block_plan(blk, tp, group, sp))
+        _parallelize(blk, tp_mesh, block_plan(blk, tp, group, sp))
         if sp:
             _sequence_parallel_block(blk, tp_mesh)
     if sequence_parallel:
@@ -189,8 +230,8 @@ def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = F
             _relayout_input(run[0], tp_mesh, Replicate(), SEQ)  # a free cut; all-gather in backward
             _relayout_output(run[-1], tp_mesh, SEQ, Replicate())
     if getattr(module, "head", None) is not None:
-        parallelize_module(module.head, tp_mesh, ColwiseParallel(
-            output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(), use_local_output=not vocab_parallel_loss))
+        _parallelize(module, tp_mesh, {"head": ColwiseParallel(
+            output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(), use_local_output=not vocab_parallel_loss)})
         if vocab_parallel_loss:
             _enable_custom_loss_ops()  # process-wide; see the module docstring
     return module
