@@ -5,7 +5,10 @@ steps, rtol 1e-4): FSDP2 (dp_shard=2); replication (dp_replicate=2, i.e. DDP) wi
 accumulated micro-batches and gradient sync only on the last; expert parallelism
 (dp_shard=2, ep=2: 4 experts per rank, all-to-all dispatch) including the balancing
 bias being identical on both ranks. The FSDP and EP runs save DCP checkpoints that the
-test process then loads without any process group and continues training from.
+test process then loads without any process group and continues training from, and
+that ``moeforge export`` turns into a Hugging Face checkpoint whose transformers model
+gives the logits of ours loaded from the shards. The spawn runs once per module (a
+fixture); both tests read its checkpoints.
 """
 
 import pytest
@@ -54,9 +57,18 @@ def _worker(rank, world, tmp):
     checkpoint.save(f"{tmp}/ep", model, opt, mesh)
 
 
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The directory with the 2-rank runs' DCP checkpoints ``fsdp`` and ``ep`` (the layouts
+    checked against the single process on the way)."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    spawn(_worker, 2, str(tmp))
+    return tmp
+
+
 @pytest.mark.slow
-def test_fsdp_ddp_ep_match_single_process_and_checkpoints_reload_in_one_process(tmp_path):
-    spawn(_worker, 2, str(tmp_path))
+def test_fsdp_ddp_ep_match_single_process_and_checkpoints_reload_in_one_process(sharded):
+    tmp_path = sharded
     data = batches(3)
     ref_model, _, _, _, ref_opt = reference(tiny_config(), data[:2])
     train(ref_model, tiny_config(), None, data[2:], opt=ref_opt)  # one more step
@@ -70,3 +82,25 @@ def test_fsdp_ddp_ep_match_single_process_and_checkpoints_reload_in_one_process(
         assert_params_match(model, ref_model)
         for a, b in zip(model.moe_layers(), ref_model.moe_layers()):
             assert torch.equal(a.gate.bias, b.gate.bias)
+
+
+@pytest.mark.slow
+def test_sharded_ep_checkpoint_exports_to_hf_with_the_same_logits(sharded, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf import hf_logits, load_hf, our_logits
+
+    from moeforge.model import hf
+
+    ckpt = sharded / "ep"
+    assert (ckpt / ".metadata").is_file() and not (ckpt / hf.WEIGHTS).exists()  # only DCP shards
+    cfg = tiny_config()
+    (tmp_path / "model.toml").write_text(hf.model_toml(cfg.model))
+    assert hf.cli_export(["--weights", str(ckpt), "--out", str(tmp_path / "hf"),
+                          "--config", str(tmp_path / "model.toml")]) == 0
+    ours = tiny_model(cfg)
+    checkpoint.load(ckpt, ours)  # the sharded run's weights, experts of both ep ranks included
+    ours.eval()
+    tokens = batches(1)[0][0]
+    want = our_logits(ours, tokens)
+    assert not torch.allclose(want, our_logits(tiny_model(cfg).eval(), tokens), atol=1e-3)  # trained, not init
+    torch.testing.assert_close(hf_logits(load_hf(tmp_path / "hf"), tokens), want, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,10 @@ Choices:
   its rope rows permuted into our adjacent-pair layout.
 - Files are streamed: export plans shards from shapes, then materialises one shard at a
   time (per-expert slices are read with ``get_slice``); import reads tensor by tensor.
+- ``moeforge export`` also takes a sharded (DCP) checkpoint directory written under any
+  layout (FSDP, TP, EP shards): ``train.distributed.read_model`` assembles the full
+  tensors in one process (no process group) and they are exported as a state dict.
+  That holds the whole model in memory once, unlike the streamed safetensors path.
 - Every problem with a file is a :class:`UserError` with one line naming tensor and file.
 """
 
@@ -280,6 +284,8 @@ def _as_source(model_or_checkpoint) -> tuple[_Tensors, ModelConfig | None]:
     if isinstance(model_or_checkpoint, torch.nn.Module):
         sd = {k: v.detach() for k, v in model_or_checkpoint.state_dict().items()}
         return _Tensors(tensors=sd, label="<model>"), getattr(model_or_checkpoint, "cfg", None)
+    if isinstance(model_or_checkpoint, Mapping):  # a full state dict with our names
+        return _Tensors(tensors=model_or_checkpoint), None
     p = Path(model_or_checkpoint)
     if p.is_dir():
         p = p / WEIGHTS
@@ -293,8 +299,8 @@ def export(model_or_checkpoint, out_dir: str | Path, cfg: ModelConfig | None = N
            extra_config: dict | None = None) -> Path:
     """Write an HF DeepSeek-V3 checkpoint (config.json + safetensors) to ``out_dir``.
 
-    ``model_or_checkpoint`` is a Transformer or a safetensors file / checkpoint dir with our
-    names (then ``cfg`` is required). ``dtype`` None keeps the weights' dtype; the router
+    ``model_or_checkpoint`` is a Transformer, a state dict, or a safetensors file /
+    checkpoint dir with our names (then ``cfg`` is required). ``dtype`` None keeps the weights' dtype; the router
     weight and bias stay FP32 as transformers keeps them. ``extra_config`` is merged into
     config.json (token ids, say; bos/eos also go to generation_config.json).
     """
@@ -480,7 +486,8 @@ def model_toml(cfg: ModelConfig) -> str:
 # ----------------------------------------------------------------------------- CLI
 def _export_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moeforge export", description="write a Hugging Face DeepSeek-V3 checkpoint")
-    ap.add_argument("--weights", required=True, help="model.safetensors with moeforge names, or a checkpoint dir")
+    ap.add_argument("--weights", required=True,
+                    help="model.safetensors with moeforge names, or a checkpoint dir (single-process or sharded)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--dtype", choices=["same", "fp32", "bf16"], default="same")
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
@@ -508,7 +515,14 @@ def cli_export(argv: list[str]) -> int:
         if toml.is_file():
             args, cfg = parse_config_args(argv + ["--config", str(toml)], _export_parser())
     dtype = None if args.dtype == "same" else _DTYPES[args.dtype]
-    out = export(weights, args.out, cfg.model, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    source = weights
+    from moeforge.train.distributed import is_sharded, read_model
+
+    if weights.is_dir() and is_sharded(weights):
+        # a distributed (DCP) checkpoint of any layout: its shards are read into full tensors
+        # in this process (no process group), then exported like any state dict
+        source = read_model(weights)
+    out = export(source, args.out, cfg.model, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
     if args.tokenizer:
         if not Path(args.tokenizer).is_file():
             raise UserError(f"tokenizer file not found: {args.tokenizer}")
