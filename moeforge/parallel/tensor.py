@@ -115,9 +115,9 @@ def _relayout(t: torch.Tensor, mesh, src, dst) -> torch.Tensor:
     """Plain local tensor laid out as ``src`` over ``mesh`` -> plain local tensor as ``dst``
     (differentiable: the backward is the reverse collective)."""
     if not isinstance(t, DTensor):
-        n = t.shape[SEQ.dim] * (mesh.size() if src == SEQ else 1)
-        if n % mesh.size():
-            raise ValueError(f"sequence parallelism: {n} positions are not divisible by tp={mesh.size()}")
+        if dst == SEQ and t.shape[SEQ.dim] % mesh.size():
+            raise ValueError(f"sequence parallelism: {t.shape[SEQ.dim]} positions are not divisible by "
+                             f"tp={mesh.size()}")
         t = DTensor.from_local(t, mesh, (src,), run_check=False)
     return t.redistribute(mesh, (dst,)).to_local()
 
@@ -145,6 +145,8 @@ def _local_weight(lin: nn.Module):
 def _compute_locally(lin: nn.Module, colwise: bool) -> None:
     """Run ``lin``'s class ``forward`` on local shards (see the module docstring for the
     placements of the input's gradient and of the output)."""
+    if getattr(lin, "bias", None) is not None:  # rowwise would add a local bias tp times
+        raise TypeError(f"tensor parallelism expects bias-free linears, {type(lin).__name__} has a bias")
     forward = type(lin).forward
 
     def local_forward(x: DTensor) -> DTensor:
@@ -205,13 +207,10 @@ def _sequence_parallel_block(blk: Block, mesh) -> None:
         _relayout_output(blk.ffn, mesh, Replicate(), SEQ)
 
 
-def _main_stacks(module: nn.Module) -> list[list[Block]]:
-    """The runs of main-model blocks under ``module`` (a model or pipeline stage), in order."""
-    layers = getattr(module, "layers", None)
-    if layers is None:
-        return []
-    blocks = list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
-    return [blocks] if blocks else []
+def _main_blocks(module: nn.Module) -> list[Block]:
+    """The main-model blocks of ``module`` (a model, or a pipeline stage's ModuleDict), in order."""
+    layers = getattr(module, "layers", None) or []
+    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
 
 
 def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = False,
@@ -219,16 +218,16 @@ def apply_tensor_parallel(module: nn.Module, mesh, vocab_parallel_loss: bool = F
     """Parallelize every block under ``module`` (a model or a pipeline stage) over ``tp``."""
     tp_mesh = mesh.dense["tp"]
     tp, group = tp_mesh.size(), tp_mesh.get_group()
-    sp_blocks = {id(b) for run in _main_stacks(module) for b in run} if sequence_parallel else set()
+    main = _main_blocks(module) if sequence_parallel else []
+    sp_blocks = {id(b) for b in main}
     for blk in [m for m in module.modules() if isinstance(m, Block)]:
         sp = id(blk) in sp_blocks
         _parallelize(blk, tp_mesh, block_plan(blk, tp, group, sp))
         if sp:
             _sequence_parallel_block(blk, tp_mesh)
-    if sequence_parallel:
-        for run in _main_stacks(module):
-            _relayout_input(run[0], tp_mesh, Replicate(), SEQ)  # a free cut; all-gather in backward
-            _relayout_output(run[-1], tp_mesh, SEQ, Replicate())
+    if main:
+        _relayout_input(main[0], tp_mesh, Replicate(), SEQ)  # a free cut; all-gather in backward
+        _relayout_output(main[-1], tp_mesh, SEQ, Replicate())
     if getattr(module, "head", None) is not None:
         _parallelize(module, tp_mesh, {"head": ColwiseParallel(
             output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(), use_local_output=not vocab_parallel_loss)})
