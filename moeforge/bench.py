@@ -7,6 +7,8 @@ Choices:
   elsewhere hits both sides.
 - Results go to ``benchmarks/results/<name>.json`` (machine-readable, with the torch
   version and thread count) and ``<name>.md`` (a table for people).
+- Importing this module applies :func:`moeforge.runtime.tune_allocator`, as the CLI does,
+  so scripts in ``benchmarks/`` time the same process settings as training.
 - The benchmark scripts live in ``benchmarks/`` at the project root; ``moeforge bench``
   runs them by name.
 """
@@ -24,6 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from moeforge.runtime import tune_allocator
+
+tune_allocator()  # benchmarks measure what the trainer runs with (the CLI does the same)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"

@@ -18,6 +18,7 @@ import sys
 
 from moeforge.config import Config, load_config
 from moeforge.errors import ConfigError, UserError
+from moeforge.runtime import tune_allocator
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moeforge: unknown command {name!r} (try `moeforge --help`)", file=sys.stderr)
         return 2
     module_name = COMMANDS[name][0]
+    tune_allocator()  # before the first large tensor; see runtime.py
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
