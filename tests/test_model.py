@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moeforge.config import load_config
 from moeforge.model.layers import rope_inv_freq, yarn_softmax_mscale
-from moeforge.model.moe import MoE, sequence_balance_loss
+from moeforge.model.moe import GroupedExperts, MoE, padded_rows, sequence_balance_loss
 from moeforge.model.transformer import Transformer, count_parameters
 from moeforge.train.losses import lm_loss
 
@@ -165,6 +165,36 @@ def test_moe_layer_equals_per_token_reference():
             ref[t] += moe.shared_experts(flat[t : t + 1])[0]
     torch.testing.assert_close(y.reshape(-1, 48), ref, atol=1e-5, rtol=1e-5)
     assert moe.last_counts.sum() == flat.shape[0] * cfg.model.n_activated_experts
+
+
+@pytest.mark.parametrize("bucket", [1, 4, 128])
+def test_expert_row_padding_changes_nothing(bucket):
+    """CPU pads each expert's rows to a bucket (static GEMM shapes): outputs and gradients
+    must equal a plain per-expert computation, empty experts included."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(5, 16, 8)
+    for w in (ex.w1, ex.w2, ex.w3):
+        torch.nn.init.normal_(w, std=0.3)
+    ex.row_bucket = bucket
+    counts = [3, 0, 7, 1, 5]
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    y = ex(x, counts)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr = x.detach().clone().requires_grad_()
+    ws = [w.detach().clone().requires_grad_() for w in (ex.w1, ex.w2, ex.w3)]
+    outs, s = [], 0
+    for e, c in enumerate(counts):
+        xe = xr[s : s + c]
+        outs.append((F.silu(xe @ ws[0][e].T) * (xe @ ws[2][e].T)) @ ws[1][e].T)
+        s += c
+    ref = torch.cat(outs)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    for w, wr in zip((ex.w1, ex.w2, ex.w3), ws):
+        torch.testing.assert_close(w.grad, wr.grad)
+    assert padded_rows([3, 0, 2], [4, 0, 4], torch.device("cpu")).tolist() == [0, 1, 2, 4, 5]
 
 
 def test_parameter_counts_equal_tensor_sizes():

@@ -40,6 +40,7 @@ from torch import nn
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
+from moeforge.model.moe import padded_rows
 
 
 @dataclass(frozen=True)
@@ -236,14 +237,7 @@ def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torc
     """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
     if counts == padded:
         return x
-    shift = torch.tensor([p0 - c0 for p0, c0 in zip(_starts(padded), _starts(counts))], device=x.device)
-    dest = torch.arange(x.shape[0], device=x.device) + shift.repeat_interleave(
-        torch.tensor(counts, device=x.device), output_size=x.shape[0])
-    return x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, dest, x)
-
-
-def _starts(counts: list[int]) -> list[int]:
-    return [s for s, _ in _bounds(counts)]
+    return x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, padded_rows(counts, padded, x.device), x)
 
 
 class Fp8GroupedLinear:
