@@ -40,7 +40,6 @@ from torch import nn
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
-from moeforge.model.moe import padded_rows
 
 
 @dataclass(frozen=True)
@@ -237,6 +236,8 @@ def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torc
     """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
     if counts == padded:
         return x
+    from moeforge.model.moe import padded_rows  # not at module level: config -> fp8 -> model -> config
+
     return x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, padded_rows(counts, padded, x.device), x)
 
 
