@@ -43,7 +43,7 @@ def make_step(cfg, tokens):
     opt = AdamW.from_config(model, cfg.train)
 
     def loss():
-        return lm_loss(model(tokens[:, :-1]), tokens[:, 1:], cfg.model)["loss"]
+        return lm_loss(model(tokens[:, :-1], labels=tokens[:, 1:]), tokens[:, 1:], cfg.model)["loss"]
 
     def step():
         opt.zero_grad()

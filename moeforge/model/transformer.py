@@ -25,6 +25,7 @@ from torch import nn
 
 from moeforge.config import ModelConfig
 from moeforge.model.attention import KVCache, build_attention
+from moeforge.model.head_loss import head_cross_entropy
 from moeforge.model.layers import MLP, Linear, RMSNorm
 from moeforge.model.moe import MoE, GroupedExperts, Gate
 
@@ -57,11 +58,13 @@ class MTPModule(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V] fp32
+    logits: torch.Tensor | None  # [B, S, V] fp32; None when the forward fused head and loss (labels given)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: [B, S-k, V], aligned with labels[:, k:]
     aux_loss: torch.Tensor | None = None  # sum over MoE layers of the sequence-wise balance loss (alpha not applied)
     expert_counts: torch.Tensor | None = None  # [n_moe_layers, E] tokens routed to each expert (main model, then MTP)
     hidden: torch.Tensor | None = None  # final normalised hidden states [B, S, D] (reward heads use them)
+    ce: torch.Tensor | None = None  # fused next-token CE (forward with labels)
+    mtp_ce: list[torch.Tensor] = field(default_factory=list)  # fused CE of MTP depth k against labels[:, k:]
 
 
 class Transformer(nn.Module):
@@ -113,29 +116,43 @@ class Transformer(nn.Module):
         return [blk.attn.new_cache(batch, max_len, dtype or self.compute_dtype, dev) for blk in self.layers]
 
     # ------------------------------------------------------------------ forward
-    def output_heads(self, h: torch.Tensor, emb: torch.Tensor, with_mtp: bool = True):
+    def output_heads(self, h: torch.Tensor, emb: torch.Tensor, with_mtp: bool = True,
+                     labels: torch.Tensor | None = None):
         """The tail of :meth:`forward`: final norm and head on the last hidden states ``h``,
         then the MTP depths (fed the token embeddings ``emb``). Returns (normed h, logits,
-        MTP logits). Uses only ``norm``, ``head`` and ``mtp``, so a pipeline's last stage,
-        which holds those modules under the same names, calls it on itself."""
+        MTP logits); with ``labels``, the head is fused with the cross-entropy
+        (``head_loss.py``) and CE values [scalar] replace the logits. Uses only ``norm``,
+        ``head`` and ``mtp``, so a pipeline's last stage, which holds those modules under
+        the same names, calls it on itself."""
+
+        def project(x: torch.Tensor, k: int) -> torch.Tensor:
+            if labels is None:
+                return self.head(x).float()
+            return head_cross_entropy(x, self.head.weight, labels[:, k:])
+
         hn = self.norm(h)
-        logits = self.head(hn).float()
-        mtp_logits = []
+        first = project(hn, 0)
+        rest = []
         for k, mod in enumerate(self.mtp if with_mtp else (), start=1):
             if emb.shape[1] <= k:
                 break
             h = mod(h[:, :-1], emb[:, k:])
-            mtp_logits.append(self.head(mod.norm(h)).float())
-        return hn, logits, mtp_logits
+            rest.append(project(mod.norm(h), k))
+        return hn, first, rest
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None,
-                with_mtp: bool = True) -> ModelOutput:
+                with_mtp: bool = True, labels: torch.Tensor | None = None) -> ModelOutput:
+        """Logits, or with ``labels`` (training) the fused head cross-entropy in
+        ``ModelOutput.ce``/``mtp_ce`` and no logits, when the head weight is a plain tensor
+        (under tensor parallelism it is a DTensor and the logits path runs instead)."""
         emb = self.embed(tokens).to(self.compute_dtype)
         h = emb
         for i, layer in enumerate(self.layers):
             h = layer(h, start_pos, None if cache is None else cache[i])
-        hn, logits, mtp_logits = self.output_heads(h, emb, with_mtp and cache is None)
-        out = ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=hn)
+        fused = labels is not None and cache is None and not hasattr(self.head.weight, "to_local")
+        hn, first, rest = self.output_heads(h, emb, with_mtp and cache is None, labels if fused else None)
+        out = ModelOutput(logits=None, ce=first, mtp_ce=rest, hidden=hn) if fused else \
+            ModelOutput(logits=first, mtp_logits=rest, hidden=hn)
         moes = [m for m in self.moe_layers() if m.last_counts is not None]
         if moes:
             out.expert_counts = torch.stack([m.last_counts for m in moes])

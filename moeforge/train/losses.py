@@ -7,6 +7,8 @@ Choices:
   ``labels[:, k:]``. L_MTP = (lambda / D) * sum_k CE_k (TR Eq. 24-25).
 - The sequence-wise balance loss arrives summed over MoE layers from the model; it is
   multiplied by alpha here so the model stays free of training weights.
+- A forward given the labels returns fused head + CE values (``model/head_loss.py``); they
+  are used as they are, and logits only when the model produced them.
 - Each part is returned separately (detached copies for logging) next to the total.
 """
 
@@ -16,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from moeforge.config import ModelConfig
+from moeforge.model.head_loss import IGNORE  # one definition, used by the fused head loss too
 from moeforge.model.transformer import ModelOutput
-
-IGNORE = -100
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -31,12 +32,13 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
 
 def lm_loss(out: ModelOutput, labels: torch.Tensor, cfg: ModelConfig, mtp_lambda: float | None = None) -> dict[str, torch.Tensor]:
     """Total training loss and its parts: {'loss', 'lm', 'mtp', 'aux'} (parts detached)."""
-    lm = token_ce(out.logits, labels)
+    # a forward given the labels has already fused head and CE (model/head_loss.py)
+    lm = out.ce if out.ce is not None else token_ce(out.logits, labels)
     total = lm
     parts = {"lm": lm.detach()}
     lam = cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
-    if out.mtp_logits:
-        ces = [token_ce(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1)]
+    ces = out.mtp_ce or [token_ce(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, start=1)]
+    if ces:
         mtp = torch.stack(ces).mean()  # (1/D) sum_k
         total = total + lam * mtp
         parts["mtp"] = mtp.detach()

@@ -64,7 +64,7 @@ class PretrainStage:
         return self.cfg.train.mtp_lambda_late if late else self.cfg.model.mtp_lambda
 
     def loss(self, model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        out = model(batch[:, :-1])
+        out = model(batch[:, :-1], labels=batch[:, 1:])  # labels: head and CE fused, no FP32 logits
         parts = lm_loss(out, batch[:, 1:], self.cfg.model, mtp_lambda=self.mtp_lambda(step))
         if out.expert_counts is not None:
             parts["expert_counts"] = out.expert_counts

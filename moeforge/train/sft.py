@@ -190,7 +190,7 @@ class SFTStage:
 
     def loss(self, model, batch, step: int) -> dict[str, torch.Tensor]:
         inputs, labels = batch
-        out = model(inputs)
+        out = model(inputs, labels=labels)  # head and CE fused
         parts = lm_loss(out, labels, self.cfg.model)
         if out.expert_counts is not None:
             parts["expert_counts"] = out.expert_counts
