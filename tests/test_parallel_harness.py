@@ -134,8 +134,13 @@ def ep_slice(want: torch.Tensor, got: torch.Tensor, mesh) -> torch.Tensor:
     return want[r * per : (r + 1) * per]
 
 
-def assert_params_match(model, ref_model, mesh=None, rtol=1e-4, atol=1e-6, ref_grads=None, grads=None):
-    """Every parameter this rank holds equals the reference's (its ep slice for experts)."""
+def assert_params_match(model, ref_model, mesh=None, rtol=1e-4, atol=1e-5, ref_grads=None, grads=None):
+    """Every parameter this rank holds equals the reference's (its ep slice for experts).
+
+    Parameters after AdamW steps get atol 1e-5: gradients are compared at atol 1e-7 and
+    Adam can turn a gradient difference into a parameter difference up to lr / eps = 100
+    times larger (see the optimizer below); 1e-6 failed on one element of 2560 after a
+    change of summation order only."""
     ref = dict(ref_model.named_parameters())
     names = [n for n, _ in model.named_parameters()]
     assert names, "no parameters on this rank"
