@@ -1,7 +1,9 @@
 """Training throughput: moeforge against Hugging Face transformers' DeepseekV3ForCausalLM.
 
 Same config (the ``small`` preset, MTP off because transformers builds no MTP layer),
-same batch, same optimizer (torch AdamW, foreach), forward + backward + step, on CPU.
+same batch, same optimizer (torch AdamW, fused), forward + backward + step, on CPU. Each
+side computes the loss its own way: transformers from its logits with F.cross_entropy,
+moeforge with the head fused into the loss (``model(tokens, labels=...)``), as its trainer does.
 Two precision regimes, each identical on both sides:
   fp32  — FP32 weights and compute;
   bf16  — FP32 master weights, bf16 compute (ours: explicit compute dtype; transformers:
@@ -42,7 +44,7 @@ def build_pair(cfg, seed: int = 0):
 
 
 def make_step(model, tokens, is_hf: bool, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if not is_hf:
         model.set_compute_dtype(torch.bfloat16 if bf16 else torch.float32)
     model.train()
@@ -50,6 +52,8 @@ def make_step(model, tokens, is_hf: bool, bf16: bool):
     def loss_fn():
         ctx = torch.autocast("cpu", torch.bfloat16) if (is_hf and bf16) else contextlib.nullcontext()
         with ctx:
+            if not is_hf:
+                return model(tokens[:, :-1], labels=tokens[:, 1:]).ce
             logits = model(tokens[:, :-1]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 

@@ -11,6 +11,9 @@ Choices:
   ``drop_mtp()`` removes the modules for inference.
 - ``compute_dtype`` is explicit: embeddings are cast to it and every Linear computes in
   the dtype it receives; logits come out in FP32 for a stable loss.
+- Given ``labels`` (training), forward fuses the head with the cross-entropy
+  (``head_loss.py``) and returns the CE values instead of logits: no FP32 [tokens, vocab]
+  tensors, ~20% off a CPU step on the small preset. Without labels it returns logits.
 - Forward returns a :class:`ModelOutput` carrying logits, MTP logits and the MoE
   statistics (tokens per expert per MoE layer, the summed sequence-balance loss), so the
   trainer needs no hooks.
