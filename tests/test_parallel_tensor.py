@@ -65,17 +65,23 @@ def test_sequence_parallel_config_is_validated(over, needs):
 def test_pretrain_cli_tp2_loss_parallel_sequence_parallel_matches_one_process(tmp_path):
     """``moeforge pretrain`` under torchrun (the trainer's own loop, no loss_context), 3 steps
     of 2 accumulated micro-batches with an eval: the logged loss, gradient norm (which
-    feeds clipping) and eval loss equal the single process's."""
+    feeds clipping) and eval loss equal the single process's; its step-2 checkpoint
+    resumes under another layout (dp_shard=2) and continues the same run."""
     from test_train_distributed import _close, _single, _torchrun
     from train_helpers import write_shards
 
     from moeforge.train.metrics import read_records
 
     write_shards(tmp_path / "data")
-    common = {"train__steps": 3, "train__ckpt_every": 0, "train__eval_every": 3}
+    common = {"train__steps": 3, "train__ckpt_every": 2, "train__eval_every": 3, "train__micro_batch_size": 4}
     _single(tmp_path, "one", **common)
     _torchrun(tmp_path, "tp2", parallel__tp=2, parallel__loss_parallel=True, parallel__sequence_parallel=True,
               **common)
+    # the tp2 checkpoint (DTensor shards of heads and vocabulary) resumes as dp_shard=2: the
+    # same global batch, now 2 sequences per rank, continues the single process's run
+    step2 = tmp_path / "runs" / "tp2" / "checkpoints" / "step_000002"
+    _torchrun(tmp_path, "tp2_to_dp2", parallel__dp_shard=2, resume=str(step2),
+              **{**common, "train__micro_batch_size": 2})
 
     def series(run, key, kind="train"):
         recs = read_records(tmp_path / "runs" / run / "metrics.jsonl")
@@ -83,3 +89,5 @@ def test_pretrain_cli_tp2_loss_parallel_sequence_parallel_matches_one_process(tm
 
     for key, kind in (("loss", "train"), ("grad_norm", "train"), ("loss", "eval")):
         _close(series("tp2", key, kind), series("one", key, kind))
+    for key in ("loss", "grad_norm"):  # not eval: its windows depend on the per-rank micro-batch size
+        _close(series("tp2_to_dp2", key), {k: v for k, v in series("one", key).items() if k > 2})

@@ -108,7 +108,12 @@ class AdamW:
             if p.grad is None:
                 continue
             ps, gs, ms, vs = groups[bool(self.weight_decay) and decays(name, p)]
-            for lst, t in zip((ps, gs, ms, vs), (p, p.grad, self.exp_avg[name], self.exp_avg_sq[name])):
+            g = p.grad
+            if hasattr(g, "placements") and g.placements != p.placements:
+                # e.g. a sequence-parallel norm's gradient is Partial (one sum per rank):
+                # reduce it to the parameter's layout before working on local shards
+                g = g.redistribute(g.device_mesh, p.placements)
+            for lst, t in zip((ps, gs, ms, vs), (p, g, self.exp_avg[name], self.exp_avg_sq[name])):
                 t = t.to_local() if hasattr(t, "to_local") else t
                 lst.append(t)
             if gs[-1].dtype != ps[-1].dtype:
