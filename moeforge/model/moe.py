@@ -110,6 +110,8 @@ class GroupedExperts(nn.Module):
     (measured on the small preset). With buckets the shapes repeat and the zero rows cost
     at most ``row_bucket - 1`` rows per expert; zero rows give zero outputs and add
     nothing to the weight gradients. 128 also makes the FP8 path's 128-row tiles whole.
+    With fewer than 256 rows per expert on average the bucket halves (down to 16) until
+    it is at most half the mean, so padding stays a modest fraction of the work.
     """
 
     row_bucket = 128
@@ -122,7 +124,10 @@ class GroupedExperts(nn.Module):
         self.grouped_linear = grouped_linear
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        padded = [-(-c // self.row_bucket) * self.row_bucket for c in counts]
+        bucket = self.row_bucket
+        while bucket > 16 and bucket > sum(counts) / (2 * len(counts)):  # few tokens per expert: finer buckets
+            bucket //= 2
+        padded = [-(-c // bucket) * bucket for c in counts]
         if x.device.type != "cpu" or padded == counts:
             return self._swiglu(x, counts)
         # CPU: each expert's rows padded with zeros to a multiple of row_bucket (see class doc)
