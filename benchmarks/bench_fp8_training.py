@@ -45,31 +45,38 @@ from moeforge.bench import RESULTS_DIR, ROOT, write_results
 
 RUN_ROOT = ROOT / "runs" / "fp8_training"
 TARGET = 0.0025  # relative difference of the final losses (issue 4)
+CONTROL = "bf16_control"  # optional second BF16 run: the noise floor of the comparison
 LAST = 100  # steps averaged for "final loss"
 
 
-def run_config(precision: str, steps: int, micro_batch: int, data_mb: float):
+def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None):
     from moeforge.config import load_config
 
-    return load_config("tiny", {"data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
+    # the control side sees the same tokens per step as two accumulated half batches: the
+    # same gradient mathematically, only the floating-point summation order differs
+    split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2} if name == CONTROL else {}
+    return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
         "fp8.enabled": precision == "fp8", "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
-        "train.out_dir": str(RUN_ROOT), "train.run_name": precision, "train.progress": False})
+        "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split})
 
 
-def train_side(precision: str, steps: int, micro_batch: int, data_mb: float) -> None:
+def train_side(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None) -> None:
     from moeforge.data.prepare import prepare
     from moeforge.train import checkpoint as ckpt
     from moeforge.train.pretrain import run_pretrain
 
-    cfg = run_config(precision, steps, micro_batch, data_mb)
+    cfg = run_config(precision, steps, micro_batch, data_mb, name)
+    name = name or precision
     if not (Path(cfg.data.data_dir) / "manifest.json").is_file():
         prepare(cfg)  # ~40 s; a concurrent twin would race, so build the data before starting both
-    resume = "latest" if ckpt.step_dirs(RUN_ROOT / precision / "checkpoints") else None
-    print(f"[fp8_training] {precision}: {steps} steps x {micro_batch}x{cfg.train.seq_len} tokens, "
+    resume = "latest" if ckpt.step_dirs(RUN_ROOT / name / "checkpoints") else None
+    print(f"[fp8_training] {name}: {steps} steps x {micro_batch}x{cfg.train.seq_len} tokens, "
           f"{torch.get_num_threads()} thread(s), resume={resume}", flush=True)
+    (RUN_ROOT / name).mkdir(parents=True, exist_ok=True)
+    (RUN_ROOT / name / "threads.txt").write_text(f"{torch.get_num_threads()}\n")
     result = run_pretrain(cfg, resume=resume)
-    print(f"[fp8_training] {precision}: {result.status}", flush=True)
+    print(f"[fp8_training] {name}: {result.status}", flush=True)
 
 
 def curve(precision: str) -> tuple[list[int], list[float], list[tuple[int, float]], dict]:
@@ -110,6 +117,20 @@ def compare() -> int:
                "target": TARGET, "passed": bool(rel < TARGET and same_len and sides["fp8"][0][-1] >= 2000)}
     tc = _run_train_config("bf16")
     windows = _window_differences(sides, 250)
+    control = curve(CONTROL) if (RUN_ROOT / CONTROL / "metrics.jsonl").is_file() else None
+    control_notes = []
+    if control and len(control[0]) >= LAST and control[0][-1] == sides["bf16"][0][-1]:
+        sides_c = {"bf16": sides["bf16"], CONTROL: control}
+        micro = int(tc["micro_batch_size"])
+        noise = abs(sum(control[1][-LAST:]) / LAST - final["bf16"]) / final["bf16"]
+        summary["control_relative_difference_bf16_vs_bf16"] = noise
+        control_notes = [
+            f"Noise floor: a second BF16 run ({CONTROL}, threads {_threads(CONTROL)}) on the same tokens per step "
+            f"taken as 2 accumulated micro-batches of {micro // 2} instead of 1 of {micro}, i.e. the same gradient "
+            f"up to floating-point summation order, ends {noise:.4%} away from the first. By 250-step window: "
+            + ", ".join(f"{k} {v:+.2%}" for k, v in _window_differences(sides_c, 250, CONTROL).items()) + "."]
+    else:
+        control = None
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
@@ -120,13 +141,14 @@ def compare() -> int:
              "with bf16 GEMMs. Both keep FP32 master weights and AdamW state.",
              "Relative difference of the mean training loss by 250-step window (same steps, same data): "
              + ", ".join(f"{k} {v:+.2%}" for k, v in windows.items()) + ".",
+             *control_notes,
              *[f"The {p} run was interrupted and resumed from its checkpoint at step {step} (the trainer resumes "
                "bit for bit)." for p, step in _resumes().items()],
              "tokens/s and elapsed s are as logged at the last step of each run (a resumed run counts from its "
              "resume) on a shared, loaded machine: not a speed comparison; see fp8_cost for that."]
     write_results("fp8_training", "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
                   notes=notes, summary=summary)
-    plot(sides, rel)
+    plot(sides, rel, control)
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
 
@@ -138,10 +160,10 @@ def _resumes() -> dict[str, int]:
             if r.get("kind") == "info" and r.get("resumed_from")}
 
 
-def _window_differences(sides: dict, width: int) -> dict[str, float]:
-    """(fp8 - bf16) / bf16 of the mean loss over consecutive windows of common steps:
+def _window_differences(sides: dict, width: int, other: str = "fp8") -> dict[str, float]:
+    """(other - bf16) / bf16 of the mean loss over consecutive windows of common steps:
     shows whether a final gap is systematic from the start or opens up later."""
-    d16, d8 = (dict(zip(sides[p][0], sides[p][1])) for p in ("bf16", "fp8"))
+    d16, d8 = (dict(zip(sides[p][0], sides[p][1])) for p in ("bf16", other))
     common = sorted(set(d16) & set(d8))
     out = {}
     for i in range(0, len(common), width):
@@ -151,6 +173,12 @@ def _window_differences(sides: dict, width: int) -> dict[str, float]:
     return out
 
 
+def _threads(name: str) -> str:
+    """Thread count a side ran with (written by train_side), or '?'."""
+    f = RUN_ROOT / name / "threads.txt"
+    return f.read_text().strip() if f.is_file() else "?"
+
+
 def _run_train_config(precision: str) -> dict:
     """The [train] settings a run actually used, read back from its config.toml."""
     import tomllib
@@ -158,7 +186,7 @@ def _run_train_config(precision: str) -> dict:
     return tomllib.loads((RUN_ROOT / precision / "config.toml").read_text())["train"]
 
 
-def plot(sides: dict, rel: float) -> None:
+def plot(sides: dict, rel: float, control=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +204,12 @@ def plot(sides: dict, rel: float) -> None:
     diff = [(d8[s] - d16[s]) / d16[s] for s in common]
     ax2.plot(common, diff, color="gray", alpha=0.3, lw=0.6)
     smooth = moving_average(diff, 50)
-    ax2.plot(common, smooth, color="black", lw=1.2, label="50-step mean")
+    ax2.plot(common, smooth, color="black", lw=1.2, label="fp8 vs bf16, 50-step mean")
+    if control is not None:  # the BF16-vs-BF16 noise floor, same axes
+        dc = dict(zip(control[0], control[1]))
+        cs = [s for s in common if s in dc]
+        ax2.plot(cs, moving_average([(dc[s] - d16[s]) / d16[s] for s in cs], 50), color="tab:orange", lw=1.2,
+                 label="bf16 rerun vs bf16 (noise floor)")
     for y in (TARGET, -TARGET):
         ax2.axhline(y, color="tab:green", ls=":", lw=1)
     ax2.set(xlabel="step", ylabel="(fp8 - bf16) / bf16", title="relative loss difference (target band +-0.25%)")
@@ -193,6 +226,9 @@ def main() -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--precision", choices=("bf16", "fp8"), help="train this side")
     mode.add_argument("--compare", action="store_true", help="read both runs and write the results")
+    ap.add_argument("--control", action="store_true",
+                    help="train a second BF16 run (bf16_control) on the same batches split into 2 accumulated "
+                         "micro-batches: only the summation order differs, so its gap is the noise floor")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--micro-batch", type=int, default=16)  # the preset's
     ap.add_argument("--data-mb", type=float, default=32.0,
@@ -201,7 +237,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.compare:
         return compare()
-    train_side(args.precision, args.steps, args.micro_batch, args.data_mb)
+    train_side(args.precision, args.steps, args.micro_batch, args.data_mb,
+               f"{args.precision}_control" if args.control else None)
     return 0
 
 
