@@ -49,7 +49,8 @@ CONTROL = "bf16_control"  # optional second BF16 run: the noise floor of the com
 LAST = 100  # steps averaged for "final loss"
 
 
-def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None):
+def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None,
+               seed: int | None = None):
     from moeforge.config import load_config
 
     # the control side sees the same tokens per step as two accumulated half batches: the
@@ -58,15 +59,17 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
         "fp8.enabled": precision == "fp8", "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
-        "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split})
+        "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,
+        **({"train.seed": seed} if seed is not None else {})})
 
 
-def train_side(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None) -> None:
+def train_side(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None,
+               seed: int | None = None) -> None:
     from moeforge.data.prepare import prepare
     from moeforge.train import checkpoint as ckpt
     from moeforge.train.pretrain import run_pretrain
 
-    cfg = run_config(precision, steps, micro_batch, data_mb, name)
+    cfg = run_config(precision, steps, micro_batch, data_mb, name, seed)
     name = name or precision
     if not (Path(cfg.data.data_dir) / "manifest.json").is_file():
         prepare(cfg)  # ~40 s; a concurrent twin would race, so build the data before starting both
@@ -229,6 +232,9 @@ def main() -> int:
     ap.add_argument("--control", action="store_true",
                     help="train a second BF16 run (bf16_control) on the same batches split into 2 accumulated "
                          "micro-batches: only the summation order differs, so its gap is the noise floor")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="train this side from another seed (init and data order) as run {precision}_seed{N}: "
+                         "--compare then reports the gap per seed pair and averaged")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--micro-batch", type=int, default=16)  # the preset's
     ap.add_argument("--data-mb", type=float, default=32.0,
@@ -237,8 +243,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.compare:
         return compare()
-    train_side(args.precision, args.steps, args.micro_batch, args.data_mb,
-               f"{args.precision}_control" if args.control else None)
+    name = f"{args.precision}_control" if args.control else None
+    if args.seed is not None:
+        name = f"{args.precision}_seed{args.seed}"
+    train_side(args.precision, args.steps, args.micro_batch, args.data_mb, name, args.seed)
     return 0
 
 

@@ -69,13 +69,14 @@ class Fp8Ops:
         if self.use_triton:
             from moeforge.fp8 import kernels
             return kernels.quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
-        return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
+        return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2, dq_dtype=self.compute_dtype)
 
     def quantize_many(self, x: torch.Tensor, tiles: tuple[str, ...]) -> list[Fp8Tensor]:
         """``x`` in several tilings; on CPU they share the FP32 copy and ``|x|``."""
         if self.use_triton:
             return [self.quantize(x, t) for t in tiles]
-        return quantize_many(x, tuple(self._block(t) for t in tiles), eps=self.eps, power_of_2=self.power_of_2)
+        return quantize_many(x, tuple(self._block(t) for t in tiles), eps=self.eps, power_of_2=self.power_of_2,
+                             dq_dtype=self.compute_dtype)
 
     def retile(self, xq: Fp8Tensor, tile: str, pad: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Fp8Tensor:
         """Dequantize to FP32 (then ``pad``) and quantize again in ``tile``: V3's Wgrad
@@ -85,7 +86,8 @@ class Fp8Ops:
             x = pad(x)
         if self.use_triton:
             return self.quantize(x, tile)
-        return quantize_many(x, (self._block(tile),), eps=self.eps, power_of_2=self.power_of_2, overwrite=True)[0]
+        return quantize_many(x, (self._block(tile),), eps=self.eps, power_of_2=self.power_of_2, overwrite=True,
+                             dq_dtype=self.compute_dtype)[0]
 
     def gemm(self, a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``A @ B.T``."""

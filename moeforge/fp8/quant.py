@@ -37,9 +37,11 @@ Choices:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from moeforge.fp8 import cpu_kernels
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -53,6 +55,9 @@ class Fp8Tensor:
     data: torch.Tensor  # float8_e4m3fn, [..., R, C]
     scale: torch.Tensor  # float32, [..., ceil(R / br), ceil(C / bc)]
     block: tuple[int, int]
+    # The dequantized tensor when the quantizer wrote it in the same pass (CPU kernels):
+    # the GEMM operand, used once and never saved for backward.
+    dq: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -69,15 +74,19 @@ class Fp8Tensor:
         """Transpose the last two dimensions; a 128x128 block stays a 128x128 block,
         which is why weights use square blocks: Dgrad reuses the Fprop quantization."""
         return Fp8Tensor(self.data.transpose(-2, -1), self.scale.transpose(-2, -1),
-                         (self.block[1], self.block[0]))
+                         (self.block[1], self.block[0]), None if self.dq is None else self.dq.transpose(-2, -1))
 
 
 def scales_from_amax(amax: torch.Tensor, eps: float = DEFAULT_EPS,
                      power_of_2: bool = False) -> torch.Tensor:
-    """FP32 scales ``max(amax, eps) / 448``, optionally rounded up to a power of two."""
+    """FP32 scales ``max(amax, eps) / 448``, optionally rounded up to a power of two.
+
+    The rounding is exact (from frexp), not ``exp2(ceil(log2(s)))``: FP32 log2 of a value
+    just above 2^k can round to k, which would round s *down*."""
     s = amax.float().clamp_min(eps) / E4M3_MAX
     if power_of_2:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        m, e = torch.frexp(s)  # s = m * 2^e, m in [0.5, 1)
+        s = torch.where((m == 0.5) | ~s.isfinite(), s, torch.ldexp(torch.ones_like(s), e))
     return s
 
 
@@ -107,23 +116,33 @@ def _scale_slice(s: torch.Tensor, reg: Region, br: int, bc: int) -> torch.Tensor
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int] = (1, 128), *, eps: float = DEFAULT_EPS,
-             power_of_2: bool = False) -> Fp8Tensor:
+             power_of_2: bool = False, dq_dtype: torch.dtype | None = None) -> Fp8Tensor:
     """Quantize ``x`` ([..., R, C], any float dtype; 1-D is treated as one row) to E4M3
-    with one online scale per ``block`` tile of its last two dimensions."""
-    return quantize_many(x, (block,), eps=eps, power_of_2=power_of_2)[0]
+    with one online scale per ``block`` tile of its last two dimensions. ``dq_dtype``
+    asks the CPU kernels to also write the dequantized tensor (``.dq``) in the same pass."""
+    return quantize_many(x, (block,), eps=eps, power_of_2=power_of_2, dq_dtype=dq_dtype)[0]
 
 
 def quantize_many(x: torch.Tensor, blocks: tuple[tuple[int, int], ...], *, eps: float = DEFAULT_EPS,
-                  power_of_2: bool = False, overwrite: bool = False) -> list[Fp8Tensor]:
+                  power_of_2: bool = False, overwrite: bool = False,
+                  dq_dtype: torch.dtype | None = None) -> list[Fp8Tensor]:
     """:func:`quantize` of one tensor in several tilings (an output gradient is needed 1x128
-    for Dgrad and 128x1 for Wgrad), sharing its FP32 copy and ``|x|``: each pass over the
-    tensor costs as much as the GEMMs at the tiny preset's sizes.
+    for Dgrad and 128x1 for Wgrad). On the C kernels each tiling is one pass over ``x``;
+    on the torch path they share its FP32 copy and ``|x|``.
 
     ``overwrite=True`` lets an FP32 ``x`` be divided in place (the Wgrad re-tiling owns
     the tensor it dequantized); otherwise ``x`` is never modified.
     """
     if x.dim() == 1:
         x = x.unsqueeze(0)
+    if cpu_kernels.usable(x):
+        x = x.contiguous()
+        dq_dtype = dq_dtype if dq_dtype in (torch.float32, torch.bfloat16) else None
+        out = []
+        for blk in blocks:
+            q, s, dq = cpu_kernels.quantize(x, blk, eps, power_of_2, dq_dtype)
+            out.append(Fp8Tensor(q, s, blk, dq))
+        return out
     r, c = x.shape[-2:]
     # x / s is one FP32 division, then a single rounding at the cast to E4M3.
     xf = x.float().contiguous()
@@ -167,10 +186,16 @@ def _decode_f16(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q * s`` per tile, computed in FP32 and rounded once to ``dtype``."""
+    if q.dq is not None and q.dq.dtype == dtype:
+        return q.dq
     if q.data.dim() >= 2 and q.data.stride(-1) != 1 and q.data.stride(-2) == 1:
         return dequantize(q.t(), dtype).transpose(-2, -1)  # a transposed view: no copy
     data = q.data if q.data.dim() >= 2 else q.data.unsqueeze(0)
     br, bc = q.block
+    if data.device.type == "cpu" and cpu_kernels.available():
+        out = cpu_kernels.dequantize(data.contiguous(), q.scale, q.block,
+                                     dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        return out.view(q.data.shape).to(dtype)
     # (value * 2^-8) * (s * 2^8) is value * s rounded once: both factors are exact powers
     # of two apart, and s * 256 cannot overflow (s <= FP32 max / 448 < 2^120).
     s = q.scale * 256.0

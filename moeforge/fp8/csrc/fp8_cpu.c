@@ -1,0 +1,268 @@
+/* Blockwise E4M3 quantize / dequantize for the CPU emulation of FP8 training.
+ *
+ * Why C: in eager PyTorch each quantization is five to eight passes over the tensor
+ * (copy to FP32, |x|, tile amax, divide, cast, and on the way back decode, multiply,
+ * cast), each ~1 ns per element on this CPU, which together cost as much as the bf16
+ * GEMM they feed. Here one pass reads a tile (kept in L1/L2), takes its amax, divides,
+ * rounds to E4M3 and, when asked, writes the dequantized operand for the GEMM as well.
+ *
+ * Bit-for-bit the same numbers as moeforge/fp8/quant.py's torch path (tests compare):
+ * - s = max(amax, eps) / 448 in FP32, optionally rounded up to a power of two (exactly,
+ *   from the bits);
+ * - q = E4M3(x / s): one FP32 division (not a multiply by 1/s), then round to nearest
+ *   even, saturating to +-448; NaN stays NaN (0x7F | sign), as c10's cast;
+ * - dequantized = value(q) * s rounded once to FP32, then to bf16 round-to-nearest-even.
+ * Compiled without -ffast-math and with -ffp-contract=off so no FMA changes a rounding.
+ *
+ * Layout: x is [B, R, C] row-major; tiles are br x bc over (R, C) (1x128, 128x1 and
+ * 128x128 in practice, any sizes work, partial tiles at the edges); scales are
+ * [B, ceil(R/br), ceil(C/bc)]. Work is split over bands of br rows across pthreads.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const void *x; int xtype; /* 0 fp32, 1 bf16 */
+    int64_t B, R, C, br, bc;
+    float eps; int pow2;
+    uint8_t *q; float *scale; void *dq; int dqtype; /* -1 none, 0 fp32, 1 bf16 */
+    int64_t item0, item1; /* range of (b, band) items for this thread */
+} qjob;
+
+
+static inline float f32_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* E4M3 (fn) -> FP32, exact. Selects are written as bit masks: GCC vectorizes those
+ * loops, not ones with ?: on floats or a table lookup. */
+static inline float e4m3_value(uint8_t q) {
+    uint32_t mag = q & 0x7Fu;
+    uint32_t nrm = (mag << 20) + (120u << 23);                 /* exponent bias 7 -> 127 */
+    uint32_t sub = bits_of_f32((float)mag * (1.0f / 512.0f));  /* exponent field 0: m * 2^-9 */
+    uint32_t is_nrm = -(uint32_t)((mag >> 3) != 0);
+    uint32_t r = (nrm & is_nrm) | (sub & ~is_nrm);
+    uint32_t is_nan = -(uint32_t)(mag == 0x7Fu);
+    r = (r & ~is_nan) | (0x7FC00000u & is_nan);
+    return f32_of_bits(r | ((uint32_t)(q & 0x80u) << 24));
+}
+
+/* max |a[i]| over a[0:n] (0 if empty), as an integer max over the bits with the sign
+ * cleared: for non-negative floats the bit patterns order like the values, NaNs above
+ * inf, so a NaN anywhere yields a NaN (as torch's amax), and an integer max reduction
+ * vectorizes without -ffast-math (a float one does not). Needs -fno-strict-aliasing. */
+static inline uint32_t max_abs_bits(const float *restrict a, int64_t n) {
+    const uint32_t *restrict u = (const uint32_t *)a;
+    uint32_t m = 0;
+    for (int64_t i = 0; i < n; i++) { uint32_t v = u[i] & 0x7FFFFFFFu; m = v > m ? v : m; }
+    return m;
+}
+
+static inline uint16_t bf16_rne(float f) { /* round to nearest even; NaN -> 0x7FC0 */
+    uint32_t u = bits_of_f32(f);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t is_nan = -(uint32_t)(f != f);
+    return (uint16_t)((r & ~is_nan) | (0x7FC0u & is_nan));
+}
+
+/* FP32 -> E4M3 (fn), round to nearest even, saturating at 448 (c10's arithmetic). */
+static inline uint8_t e4m3(float y) {
+    uint32_t sign = (bits_of_f32(y) >> 24) & 0x80;
+    float a = fabsf(y);
+    int isnan_ = a != a;
+    a = a < 448.0f ? a : 448.0f;
+    uint32_t ab = bits_of_f32(a);
+    /* subnormal range (< 2^-6): adding 2^14 leaves exactly the multiples of 2^-9 */
+    uint32_t sub = bits_of_f32(a + 16384.0f) - (141u << 23);
+    uint32_t nrm = (ab + ((uint32_t)(7 - 127) << 23) + 0x7FFFF + ((ab >> 20) & 1)) >> 20;
+    uint32_t r = ab < (121u << 23) ? sub : nrm;
+    r = isnan_ ? 0x7F : r;
+    return (uint8_t)(r | sign);
+}
+
+/* The FP32 value of e4m3(y), computed without going through the 8-bit code (same
+ * rounding as e4m3(): the kept bits of a normal, or the multiple of 2^-9 of a subnormal) */
+static inline float e4m3_round(float y) {
+    uint32_t sign = bits_of_f32(y) & 0x80000000u;
+    float a = fabsf(y);
+    uint32_t is_nan = -(uint32_t)(a != a);
+    a = a < 448.0f ? a : 448.0f;
+    uint32_t ab = bits_of_f32(a);
+    uint32_t sub = bits_of_f32((a + 16384.0f) - 16384.0f);
+    uint32_t nrm = (ab + 0x7FFFFu + ((ab >> 20) & 1u)) & 0xFFF00000u;
+    uint32_t is_sub = -(uint32_t)(ab < (121u << 23));
+    uint32_t r = (sub & is_sub) | (nrm & ~is_sub);
+    r = (r & ~is_nan) | (0x7FC00000u & is_nan);
+    return f32_of_bits(r | sign);
+}
+
+static inline float make_scale(float amax, float eps, int pow2) {
+    float s = (amax > eps ? amax : eps) / 448.0f;
+    if (amax != amax) s = amax;
+    if (pow2 && s == s && s < INFINITY) {
+        uint32_t b = bits_of_f32(s);
+        if (b & 0x7FFFFF) s = f32_of_bits(((b >> 23) + 1) << 23); /* next power of two up */
+    }
+    return s;
+}
+
+/* row r of x as FP32 into out[0:C] */
+static inline void load_row(const void *x, int xtype, int64_t o, int64_t C, float *restrict out) {
+    if (xtype == 0) { memcpy(out, (const float *)x + o, sizeof(float) * (size_t)C); return; }
+    const uint16_t *restrict xr = (const uint16_t *)x + o;
+    for (int64_t c = 0; c < C; c++) out[c] = f32_of_bits((uint32_t)xr[c] << 16);
+}
+
+/* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked */
+static inline void quant_row(const float *restrict xf, const float *restrict s, int64_t C,
+                             uint8_t *restrict q, void *dq, int dqtype) {
+    if (dqtype == 0) { /* one loop each, rounding y once more in FP32 rather than decoding q */
+        float *restrict d = (float *)dq;
+        for (int64_t c = 0; c < C; c++) { float y = xf[c] / s[c]; q[c] = e4m3(y); d[c] = e4m3_round(y) * s[c]; }
+    } else if (dqtype == 1) {
+        uint16_t *restrict d = (uint16_t *)dq;
+        for (int64_t c = 0; c < C; c++) { float y = xf[c] / s[c]; q[c] = e4m3(y); d[c] = bf16_rne(e4m3_round(y) * s[c]); }
+    } else {
+        for (int64_t c = 0; c < C; c++) q[c] = e4m3(xf[c] / s[c]);
+    }
+}
+
+static inline void *dq_at(const qjob *j, int64_t o) {
+    if (j->dqtype < 0) return NULL;
+    return (char *)j->dq + o * (j->dqtype == 0 ? 4 : 2);
+}
+
+static void quant_items(const qjob *j) {
+    const int64_t R = j->R, C = j->C, br = j->br, bc = j->bc;
+    const int64_t nbr = (R + br - 1) / br, nbc = (C + bc - 1) / bc;
+    float *xf = malloc(sizeof(float) * (size_t)C);     /* the current row in FP32 */
+    float *colmax = malloc(sizeof(float) * (size_t)C); /* per column: amax over the band */
+    float *s = malloc(sizeof(float) * (size_t)C);      /* per column: its tile's scale */
+    for (int64_t it = j->item0; it < j->item1; it++) {
+        const int64_t b = it / nbr, band = it % nbr;
+        const int64_t r0 = band * br, r1 = r0 + br < R ? r0 + br : R;
+        const int64_t base = b * R * C;
+        float *srow = j->scale + (b * nbr + band) * nbc;
+        if (br == 1) { /* 1 x bc tiles: one row, read once into xf */
+            load_row(j->x, j->xtype, base + r0 * C, C, xf);
+            for (int64_t t = 0; t < nbc; t++) {
+                const int64_t c0 = t * bc, c1 = c0 + bc < C ? c0 + bc : C;
+                srow[t] = make_scale(f32_of_bits(max_abs_bits(xf + c0, c1 - c0)), j->eps, j->pow2);
+                for (int64_t c = c0; c < c1; c++) s[c] = srow[t];
+            }
+            quant_row(xf, s, C, j->q + base + r0 * C, dq_at(j, base + r0 * C), j->dqtype);
+            continue;
+        }
+        /* br x bc tiles: amax per column over the band's rows (as bits), then per tile */
+        uint32_t *restrict cm = (uint32_t *)colmax;
+        for (int64_t c = 0; c < C; c++) cm[c] = 0;
+        for (int64_t r = r0; r < r1; r++) {
+            load_row(j->x, j->xtype, base + r * C, C, xf);
+            const uint32_t *restrict u = (const uint32_t *)xf;
+            for (int64_t c = 0; c < C; c++) { uint32_t v = u[c] & 0x7FFFFFFFu; cm[c] = v > cm[c] ? v : cm[c]; }
+        }
+        for (int64_t t = 0; t < nbc; t++) {
+            const int64_t c0 = t * bc, c1 = c0 + bc < C ? c0 + bc : C;
+            srow[t] = make_scale(f32_of_bits(max_abs_bits(colmax + c0, c1 - c0)), j->eps, j->pow2);
+            for (int64_t c = c0; c < c1; c++) s[c] = srow[t];
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            load_row(j->x, j->xtype, base + r * C, C, xf);
+            quant_row(xf, s, C, j->q + base + r * C, dq_at(j, base + r * C), j->dqtype);
+        }
+    }
+    free(xf);
+    free(colmax);
+    free(s);
+}
+
+typedef struct {
+    const uint8_t *q; const float *scale;
+    int64_t B, R, C, br, bc;
+    void *out; int outtype;
+    int64_t item0, item1; /* range of (b, row) items */
+} djob;
+
+static void dequant_items(const djob *j) {
+    const int64_t R = j->R, C = j->C, nbr = (R + j->br - 1) / j->br, nbc = (C + j->bc - 1) / j->bc;
+    float *s = malloc(sizeof(float) * (size_t)C);
+    int64_t last = -1;
+    for (int64_t it = j->item0; it < j->item1; it++) {
+        const int64_t b = it / R, r = it % R, band = b * nbr + r / j->br;
+        if (band != last) { /* per column: its tile's scale (no division per element) */
+            for (int64_t t = 0; t < nbc; t++) {
+                const int64_t c0 = t * j->bc, c1 = c0 + j->bc < C ? c0 + j->bc : C;
+                const float st = j->scale[band * nbc + t];
+                for (int64_t c = c0; c < c1; c++) s[c] = st;
+            }
+            last = band;
+        }
+        const uint8_t *qr = j->q + it * C;
+        if (j->outtype == 0) {
+            float *d = (float *)j->out + it * C;
+            for (int64_t c = 0; c < C; c++) d[c] = e4m3_value(qr[c]) * s[c];
+        } else {
+            uint16_t *d = (uint16_t *)j->out + it * C;
+            for (int64_t c = 0; c < C; c++) d[c] = bf16_rne(e4m3_value(qr[c]) * s[c]);
+        }
+    }
+    free(s);
+}
+
+static void *q_thread(void *p) { quant_items((qjob *)p); return NULL; }
+static void *d_thread(void *p) { dequant_items((djob *)p); return NULL; }
+
+#define MAX_THREADS 64
+
+int mf_quantize(const void *x, int xtype, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc,
+                float eps, int pow2, uint8_t *q, float *scale, void *dq, int dqtype, int nthreads) {
+    const int64_t items = B * ((R + br - 1) / br);
+    if (items == 0 || C == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > items) nthreads = (int)items;
+    if (B * R * C < (1 << 16)) nthreads = 1; /* thread start-up costs more than the work */
+    qjob jobs[MAX_THREADS];
+    pthread_t th[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < nthreads; t++) {
+        qjob j = {x, xtype, B, R, C, br, bc, eps, pow2, q, scale, dq, dqtype,
+                  items * t / nthreads, items * (t + 1) / nthreads};
+        jobs[t] = j;
+    }
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&th[t], NULL, q_thread, &jobs[t]) == 0;
+    quant_items(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(th[t], NULL);
+        else quant_items(&jobs[t]); /* no thread to be had: do its share here */
+    }
+    return 0;
+}
+
+int mf_dequantize(const uint8_t *q, const float *scale, int64_t B, int64_t R, int64_t C, int64_t br,
+                  int64_t bc, void *out, int outtype, int nthreads) {
+    const int64_t items = B * R;
+    if (items == 0 || C == 0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if ((int64_t)nthreads > items) nthreads = (int)items;
+    if (B * R * C < (1 << 16)) nthreads = 1;
+    djob jobs[MAX_THREADS];
+    pthread_t th[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < nthreads; t++) {
+        djob j = {q, scale, B, R, C, br, bc, out, outtype, items * t / nthreads, items * (t + 1) / nthreads};
+        jobs[t] = j;
+    }
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&th[t], NULL, d_thread, &jobs[t]) == 0;
+    dequant_items(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(th[t], NULL);
+        else dequant_items(&jobs[t]); /* no thread to be had: do its share here */
+    }
+    return 0;
+}
