@@ -9,7 +9,8 @@
   order in every run (bitwise comparisons across processes).
 - Faults are injected *inside the child* by name (``patches``): test-only monkeypatches
   of the checkpoint writer (pause forever at a given point, fail with ENOSPC/EACCES part
-  way through a file). Production code has no fault flags.
+  way through a file, slow every step down so a kill lands mid-run). Production code has
+  no fault flags.
 - :func:`cli` runs ``main(argv)`` in this process and returns (exit code, stdout,
   stderr lines); :func:`assert_one_line` checks the "one line, no traceback" contract.
 - :func:`write_payload` writes files whose unpickling would create a marker file.
@@ -96,6 +97,14 @@ def _patch(name: str, arg: str) -> None:
 
     if name == "no_plots":  # matplotlib costs seconds and is irrelevant to faults
         loop.plot_run = lambda run_dir: []
+    elif name == "slow_steps":  # arg = seconds added to every micro-batch: a kill lands mid-run
+        real_fb = loop.forward_backward
+
+        def forward_backward(*a, **k):
+            time.sleep(float(arg))
+            return real_fb(*a, **k)
+
+        loop.forward_backward = forward_backward
     elif name == "pause_in_optimizer_write":  # arg = "<step dir name>:<signal file>"
         target, sig = arg.split(":", 1)
         real = ckpt.save_file

@@ -46,7 +46,9 @@ def test_sigkill_at_random_step_then_resume_is_bitwise(world, seed):
     after, delay = rng.randint(3, STEPS - 2), rng.uniform(0.0, 0.05)  # step 2's checkpoint exists by step 3
     name = f"kill{seed}"
     run_dir = tmp / "runs" / name
-    proc = start(pretrain_argv(tmp, name), tmp / f"{name}.log")
+    # each step slowed by 0.1 s: a tiny step takes milliseconds, and without it the run
+    # could finish between the poll that saw step `after` and the kill
+    proc = start(pretrain_argv(tmp, name), tmp / f"{name}.log", patches=[("no_plots", ""), ("slow_steps", "0.1")])
     wait_for(lambda: max(losses(run_dir), default=0) >= after, proc, tmp / f"{name}.log", what=f"step {after}")
     time.sleep(delay)  # somewhere inside the next step (or its checkpoint write)
     sigkill(proc)

@@ -11,6 +11,10 @@ rule reads in one place (DeepSeek-V3 TR section 3.3.1):
   (``Gate``), norms, the MTP projection (``MTPModule.proj``) and the attention-score math,
   none of which is an ``nn.Linear`` owned by those classes.
 
+With ``fp8.cache_swiglu`` (default) the SwiGLU products of those MLPs and experts save
+their two inputs for backward in E4M3 with 1x128 tiles (V3 TR section 3.3.2), via
+``moeforge.model.recompute.swiglu``.
+
 Parameters are shared, not copied, so optimizers and state dicts built before or after
 conversion are the same.
 """
@@ -56,4 +60,6 @@ def convert(model: nn.Module, cfg: Fp8Config) -> nn.Module:
                     setattr(module, name, Fp8Linear.from_linear(child, cfg))
         elif isinstance(module, GroupedExperts):
             module.grouped_linear = Fp8GroupedLinear(cfg)
+        if hasattr(module, "swiglu_fp8") and cfg.cache_swiglu:  # dense MLPs, shared and routed experts
+            module.swiglu_fp8 = cfg
     return model

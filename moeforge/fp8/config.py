@@ -20,6 +20,7 @@ class Fp8Config:
     backend: str = "auto"  # "auto" (triton on CUDA, emulated on CPU) | "emulated" | "triton"
     cpu_gemm_dtype: str = "bf16"  # dtype of the dequantized CPU GEMM: "bf16" (AMX) | "fp32"
     eps: float = 1e-12  # amax floor: s = max(amax, eps) / 448 (tiny: gradients are tiny)
+    cache_swiglu: bool = True  # save the SwiGLU inputs for backward in E4M3 (1x128), as V3 does
 
     def validate(self) -> None:
         _require(self.block_size > 0, f"fp8.block_size must be > 0, got {self.block_size}")

@@ -5,7 +5,9 @@ Choices:
   therefore casts its weight to the input's dtype inside forward (the cast is
   differentiable, so gradients land on the FP32 master in FP32). There is no autocast:
   the model's ``compute_dtype`` decides what flows through it.
-- RMSNorm computes in FP32 and returns the input dtype.
+- RMSNorm computes in FP32 and returns the input dtype. It and the SwiGLU product go
+  through ``recompute.py``: they save their inputs only and recompute in backward, with
+  bit-identical results (DTensors keep the plain graph).
 - Rotary embeddings rotate *adjacent pairs* (dims 2i, 2i+1) as DeepSeek's reference
   does with complex numbers; Hugging Face's ``rope_interleave=True`` is the same rotation
   seen through a permutation, so logits match.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
+from moeforge.model.recompute import is_plain, rms_norm, swiglu
 
 
 class Linear(nn.Linear):
@@ -44,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_plain(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -57,9 +62,15 @@ class MLP(nn.Module):
         self.w1 = Linear(dim, inter_dim)  # gate
         self.w2 = Linear(inter_dim, dim)  # down
         self.w3 = Linear(dim, inter_dim)  # up
+        self.swiglu_fp8 = None  # an Fp8Config: cache the SwiGLU inputs in FP8 (set by fp8.convert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x), self.swiglu_fp8))
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
+    """``silu(a) * b`` through the recomputing SwiGLU (plain tensors) or plain autograd."""
+    return swiglu(a, b, fp8) if is_plain(a, b) else F.silu(a) * b
 
 
 # ----------------------------------------------------------------------------- rotary + YaRN

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
-from moeforge.model.layers import MLP
+from moeforge.model.layers import MLP, silu_mul
 
 
 class Gate(nn.Module):
@@ -122,6 +122,7 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
         self.grouped_linear = grouped_linear
+        self.swiglu_fp8 = None  # an Fp8Config: cache the SwiGLU inputs in FP8 (set by fp8.convert)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         bucket = self.row_bucket
@@ -132,11 +133,11 @@ class GroupedExperts(nn.Module):
             return self._swiglu(x, counts)
         # CPU: each expert's rows padded with zeros to a multiple of row_bucket (see class doc)
         dest = padded_rows(counts, padded, x.device)
-        xp = x.new_zeros(sum(padded), x.shape[1]).index_copy(0, dest, x)
+        xp = x.new_zeros(sum(padded), x.shape[1]).index_put((dest,), x)  # index_copy would also save x
         return self._swiglu(xp, padded).index_select(0, dest)
 
     def _swiglu(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        h = F.silu(self.grouped_linear(x, self.w1, counts)) * self.grouped_linear(x, self.w3, counts)
+        h = silu_mul(self.grouped_linear(x, self.w1, counts), self.grouped_linear(x, self.w3, counts), self.swiglu_fp8)
         return self.grouped_linear(h, self.w2, counts)
 
 
