@@ -16,11 +16,12 @@ Choices:
   never a bf16 or fp32 copy. Master weights stay whatever the parameter is (FP32); dW is
   returned in the weight's dtype, dx in the input's.
 - Scales are online (current tensor), as published: no amax history.
-- CPU cost: every elementwise pass over an activation costs about as much as its GEMM at
-  the tiny preset's sizes, so dy is quantized 1x128 and 128x1 from one FP32 copy
-  (``Fp8Ops.quantize_many``) and the Wgrad re-tiling divides the FP32 tensor it just
-  dequantized in place (``Fp8Ops.retile``). W is quantized once per forward; backward
-  reuses that FP8 copy (its 128x128 scales serve W.T as they are).
+- CPU cost: the quantizers are C kernels (``cpu_kernels.py``) that write the E4M3 copy
+  and, in the same pass, the dequantized bf16 GEMM operand (``Fp8Tensor.dq``), so a GEMM
+  operand costs one pass over the tensor instead of eight; the torch path remains as the
+  fallback and the reference. dy is quantized 1x128 and 128x1; the Wgrad re-tiling
+  dequantizes the saved FP8 x and quantizes it again (``Fp8Ops.retile``). W is quantized
+  once per forward; backward reuses that FP8 copy (its 128x128 scales serve W.T as they are).
 - The backend is picked per call from the tensor's device: Triton kernels on CUDA when
   ``backend`` is auto or triton, the CPU emulation (dequantize + bf16/fp32 GEMM) otherwise.
 - Grouped experts: tokens arrive sorted by expert with per-expert ``counts``. Experts with

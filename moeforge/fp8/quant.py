@@ -23,12 +23,14 @@ Choices:
   rectangles of equal tiles (the whole tiles, the partial last tile column, the partial
   last tile row, their corner), each viewed without a copy as ``[..., n_r, h, n_c, w]``, so
   each amax is one reduction and a partial tile is simply a smaller tile.
-- CPU speed (at the tiny preset's sizes every pass over an activation costs about as much
-  as its GEMM): the division is FP32 in place on a private FP32 copy (mixed-dtype
-  elementwise ops are several times slower on CPU), ``|x|`` and that copy are shared when
-  one tensor is tiled two ways (:func:`quantize_many`), and dequantization decodes E4M3 by
-  integer ops (:func:`_decode_f16`) because torch's e4m3fn -> float cast is scalar.
-  All of it is bit-identical to the plain ``(x.float() / s).clamp(...).to(e4m3fn)`` and
+- CPU speed: when ``cpu_kernels`` can build its C library (it needs a C compiler), fp32
+  and bf16 CPU tensors are quantized and dequantized there, one pass per tile, bit for
+  bit the numbers below, optionally writing the dequantized operand (``Fp8Tensor.dq``)
+  in the same pass. The torch path below is the fallback and the reference; it keeps its
+  own economies: the division is FP32 in place on a private FP32 copy, ``|x|`` and that
+  copy are shared when one tensor is tiled two ways (:func:`quantize_many`), and E4M3 is
+  decoded by integer ops (:func:`_decode_f16`) because torch's e4m3fn -> float cast is
+  scalar. All of it equals the plain ``(x.float() / s).clamp(...).to(e4m3fn)`` and
   ``q.float() * s`` (checked in ``tests/test_fp8_quant.py``).
 - ``eps`` defaults to 1e-12, not V3's inference value 1e-4: output gradients of a mean
   loss are routinely far below 1e-4, and a floor of 1e-4/448 would push them into E4M3's
