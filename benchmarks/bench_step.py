@@ -13,12 +13,19 @@ side by side, interleaved, in several variants:
 It reports tokens/s, model FLOP/s (counted analytically for MLA and the activated MoE
 parameters, forward + backward, ``train.metrics.train_flops_per_token``) divided by the
 bf16 GEMM peak measured in the same run (MFU), and the bytes saved for backward per step
-(activation memory, measured with saved-tensor hooks; parameters excluded).
+(activation memory, measured with saved-tensor hooks; parameters excluded) and the peak
+memory of a step: each variant runs alone in a fresh process (``--peak-of``), and the
+growth of its peak resident set over the built model is reported (gradients, AdamW
+moments, activations and every temporary; RSS because the CPU allocator keeps no stats).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 
 import torch
 
@@ -35,7 +42,35 @@ VARIANTS = {
     "fp8": {"fp8.enabled": True},
     "bf16+compile": {"train.compile": True},
     "bf16+ckpt": {"train.activation_checkpointing": True},
+    "fp8+ckpt": {"fp8.enabled": True, "train.activation_checkpointing": True},
 }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_of(preset: str, name: str) -> None:
+    """Child process: build the variant, run two steps, print the peak-RSS growth (MB)."""
+    from moeforge.runtime import tune_allocator
+
+    tune_allocator()
+    cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
+    b, s = cfg.train.micro_batch_size, cfg.train.seq_len
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    step, _, _ = make_step(cfg, tokens)
+    before = _rss_mb()
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_step_mb": peak - before}))
+
+
+def measure_peak(preset: str, name: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--preset", preset, "--peak-of", name],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_step_mb"]
 
 
 def make_step(cfg, tokens):
@@ -75,8 +110,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory
     args = ap.parse_args()
     preset = args.preset or ("tiny" if args.quick else "small")
+    if args.peak_of:
+        return peak_of(preset, args.peak_of)
     base = load_config(preset, {"fp8.enabled": False, "train.progress": False})
     b, s = base.train.micro_batch_size, base.train.seq_len
     tokens = torch.randint(0, base.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
@@ -87,6 +125,7 @@ def main() -> None:
         mems[name] = saved_bytes(loss_fn, model)
         steps[name]()  # compile / warm up outside the timing
     t = interleaved(steps, repeat=3 if args.quick else 5)
+    peaks = {name: measure_peak(preset, name) for name in args.variants}
     peak = matmul_peak_flops(torch.bfloat16)
     fpt = train_flops_per_token(base.model, s)
     rows = []
@@ -94,14 +133,18 @@ def main() -> None:
         tok_s = b * s / t[name]
         rows.append({"variant": name, "step_s": t[name], "tokens_per_s": tok_s, "model_tflops": tok_s * fpt / 1e12,
                      "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
+                     "peak_step_mb": peaks[name],
                      "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan")})
     summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "flops_per_token": fpt,
                **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
     if "fp8" in mems and "bf16" in mems:
         summary["fp8_saved_bytes_vs_bf16"] = mems["fp8"] / mems["bf16"]
+        summary["fp8_peak_step_vs_bf16"] = peaks["fp8"] / peaks["bf16"]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
              f"{torch.get_num_threads()} threads; MFU = model FLOP/s / measured bf16 GEMM peak (2048^3).",
-             "saved_for_backward counts tensors autograd keeps between forward and backward (activations)."]
+             "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
+             "peak_step_mb: growth of the peak resident set over the built model during two steps, each variant "
+             "alone in a fresh process: gradients, AdamW moments, activations and temporaries."]
     write_results(f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
                   rows, notes, summary)
     for r in rows:

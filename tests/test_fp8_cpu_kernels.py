@@ -10,6 +10,7 @@ the multi-threaded split.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -17,6 +18,9 @@ import torch
 
 from moeforge.fp8 import cpu_kernels
 from moeforge.fp8.quant import Fp8Tensor, dequantize, quantize, quantize_many
+
+pytestmark = pytest.mark.skipif(os.environ.get("MOEFORGE_FP8_CPU_KERNELS") == "0",
+                                reason="C kernels switched off by MOEFORGE_FP8_CPU_KERNELS=0")
 
 BLOCKS = [(1, 128), (128, 1), (128, 128), (1, 32)]
 
