@@ -26,6 +26,10 @@ Choices:
   on 4 MB: 1.09%, with the gap opening only during the LR decay.)
   warmup 100 steps, the preset's V3 schedule stretched to the run's length (its decay
   points are fractions of ``steps``). ``--steps``/``--micro-batch`` change that.
+- ``--seed N`` trains a side from another seed (init and data order) as run
+  ``{precision}_seedN``; ``--compare`` then adds the gap of every finished seed pair, their
+  mean, and how far apart the BF16 runs of different seeds end (the size of a change of
+  seed), because one pair's gap at this scale is partly chance.
 - ``--compare`` reads both metrics.jsonl files and writes
   ``benchmarks/results/fp8_training.{json,md,png}`` (the report picks up ``fp8*.json`` and
   the PNG with the same stem). The training-loss curves are drawn raw and as a 50-step
@@ -119,6 +123,28 @@ def compare() -> int:
     summary = {"final_loss_bf16": final["bf16"], "final_loss_fp8": final["fp8"], "relative_difference": rel,
                "target": TARGET, "passed": bool(rel < TARGET and same_len and sides["fp8"][0][-1] >= 2000)}
     tc = _run_train_config("bf16")
+    seed_pairs = _seed_pairs(int(tc["seed"]), sides["bf16"][0][-1])
+    seed_notes = []
+    if len(seed_pairs) > 1:  # more seeds: the gap per seed, and how far apart BF16 runs from two seeds end
+        for seed, (b16, f8) in seed_pairs.items():
+            for name, c in ((f"bf16 seed {seed}", b16), (f"fp8 seed {seed}", f8)):
+                if seed != int(tc["seed"]):
+                    rows.append({"precision": name, "steps": c[0][-1], "first loss": c[1][0],
+                                 f"final loss (mean last {LAST})": sum(c[1][-LAST:]) / LAST,
+                                 f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
+                                 "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
+                                 "elapsed s": c[3].get("elapsed_s")})
+        signed = {seed: _final(f8) / _final(b16) - 1 for seed, (b16, f8) in seed_pairs.items()}
+        finals16 = [_final(b16) for b16, _ in seed_pairs.values()]
+        spread = (max(finals16) - min(finals16)) / min(finals16)
+        mean = sum(signed.values()) / len(signed)
+        summary.update({"relative_difference_by_seed": {str(k): v for k, v in signed.items()},
+                        "mean_signed_difference": mean, "bf16_seed_spread": spread,
+                        "passed_all_seeds": bool(all(abs(v) < TARGET for v in signed.values()))})
+        seed_notes = [f"Seeds (init and data order): (fp8 - bf16) / bf16 of the final loss = "
+                      + ", ".join(f"seed {k} {v:+.3%}" for k, v in signed.items())
+                      + f"; mean {mean:+.3%}. For scale: the final losses of the BF16 runs from different seeds are "
+                      f"{spread:.3%} apart, mostly because their last 100 steps see different data."]
     windows = _window_differences(sides, 250)
     control = curve(CONTROL) if (RUN_ROOT / CONTROL / "metrics.jsonl").is_file() else None
     control_notes = []
@@ -145,15 +171,33 @@ def compare() -> int:
              "Relative difference of the mean training loss by 250-step window (same steps, same data): "
              + ", ".join(f"{k} {v:+.2%}" for k, v in windows.items()) + ".",
              *control_notes,
+             *seed_notes,
              *[f"The {p} run was interrupted and resumed from its checkpoint at step {step} (the trainer resumes "
                "bit for bit)." for p, step in _resumes().items()],
              "tokens/s and elapsed s are as logged at the last step of each run (a resumed run counts from its "
              "resume) on a shared, loaded machine: not a speed comparison; see fp8_cost for that."]
     write_results("fp8_training", "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
                   notes=notes, summary=summary)
-    plot(sides, rel, control)
+    plot(sides, rel, control, {k: v for k, v in seed_pairs.items() if k != int(tc["seed"])})
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
+
+
+def _final(c) -> float:
+    return sum(c[1][-LAST:]) / LAST
+
+
+def _seed_pairs(main_seed: int, steps: int) -> dict[int, tuple]:
+    """{seed: (bf16 curve, fp8 curve)}: the main pair plus every finished bf16_seedN/fp8_seedN pair."""
+    pairs = {main_seed: (curve("bf16"), curve("fp8"))}
+    for d in sorted(RUN_ROOT.glob("bf16_seed*")):
+        seed = int(d.name.removeprefix("bf16_seed"))
+        if not (RUN_ROOT / f"fp8_seed{seed}" / "metrics.jsonl").is_file():
+            continue
+        b16, f8 = curve(d.name), curve(f"fp8_seed{seed}")
+        if b16[0] and f8[0] and b16[0][-1] == f8[0][-1] == steps:
+            pairs[seed] = (b16, f8)
+    return pairs
 
 
 def _resumes() -> dict[str, int]:
@@ -189,7 +233,7 @@ def _run_train_config(precision: str) -> dict:
     return tomllib.loads((RUN_ROOT / precision / "config.toml").read_text())["train"]
 
 
-def plot(sides: dict, rel: float, control=None) -> None:
+def plot(sides: dict, rel: float, control=None, seeds: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,6 +257,11 @@ def plot(sides: dict, rel: float, control=None) -> None:
         cs = [s for s in common if s in dc]
         ax2.plot(cs, moving_average([(dc[s] - d16[s]) / d16[s] for s in cs], 50), color="tab:orange", lw=1.2,
                  label="bf16 rerun vs bf16 (noise floor)")
+    for (seed, (b16, f8)), color in zip((seeds or {}).items(), ("tab:purple", "tab:brown", "tab:pink")):
+        e16, e8 = dict(zip(b16[0], b16[1])), dict(zip(f8[0], f8[1]))
+        cs = sorted(set(e16) & set(e8))
+        ax2.plot(cs, moving_average([(e8[s] - e16[s]) / e16[s] for s in cs], 50), color=color, lw=1.0,
+                 label=f"fp8 vs bf16, seed {seed}")
     for y in (TARGET, -TARGET):
         ax2.axhline(y, color="tab:green", ls=":", lw=1)
     ax2.set(xlabel="step", ylabel="(fp8 - bf16) / bf16", title="relative loss difference (target band +-0.25%)")
