@@ -16,10 +16,9 @@
  *
  * Layout: x is [B, R, C] row-major; tiles are br x bc over (R, C) (1x128, 128x1 and
  * 128x128 in practice, any sizes work, partial tiles at the edges); scales are
- * [B, ceil(R/br), ceil(C/bc)]. Work is split over bands of br rows across pthreads.
+ * [B, ceil(R/br), ceil(C/bc)]. Work is split over bands of br rows across OpenMP threads.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -211,11 +210,11 @@ static void dequant_items(const djob *j) {
     free(s);
 }
 
-static void *q_thread(void *p) { quant_items((qjob *)p); return NULL; }
-static void *d_thread(void *p) { dequant_items((djob *)p); return NULL; }
-
 #define MAX_THREADS 64
 
+/* Work split: contiguous item ranges over OpenMP threads. The library links libgomp.so.1,
+ * which is the very runtime torch's CPU wheel loads, so these are torch's own (already
+ * spinning) worker threads: pthreads of our own would compete with them for the cores. */
 int mf_quantize(const void *x, int xtype, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc,
                 float eps, int pow2, uint8_t *q, float *scale, void *dq, int dqtype, int nthreads) {
     const int64_t items = B * ((R + br - 1) / br);
@@ -223,21 +222,12 @@ int mf_quantize(const void *x, int xtype, int64_t B, int64_t R, int64_t C, int64
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if ((int64_t)nthreads > items) nthreads = (int)items;
-    if (B * R * C < (1 << 16)) nthreads = 1; /* thread start-up costs more than the work */
-    qjob jobs[MAX_THREADS];
-    pthread_t th[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
+    if (B * R * C < (1 << 16)) nthreads = 1; /* too little work to share */
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
         qjob j = {x, xtype, B, R, C, br, bc, eps, pow2, q, scale, dq, dqtype,
                   items * t / nthreads, items * (t + 1) / nthreads};
-        jobs[t] = j;
-    }
-    for (int t = 1; t < nthreads; t++)
-        started[t] = pthread_create(&th[t], NULL, q_thread, &jobs[t]) == 0;
-    quant_items(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(th[t], NULL);
-        else quant_items(&jobs[t]); /* no thread to be had: do its share here */
+        quant_items(&j);
     }
     return 0;
 }
@@ -250,19 +240,10 @@ int mf_dequantize(const uint8_t *q, const float *scale, int64_t B, int64_t R, in
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if ((int64_t)nthreads > items) nthreads = (int)items;
     if (B * R * C < (1 << 16)) nthreads = 1;
-    djob jobs[MAX_THREADS];
-    pthread_t th[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
         djob j = {q, scale, B, R, C, br, bc, out, outtype, items * t / nthreads, items * (t + 1) / nthreads};
-        jobs[t] = j;
-    }
-    for (int t = 1; t < nthreads; t++)
-        started[t] = pthread_create(&th[t], NULL, d_thread, &jobs[t]) == 0;
-    dequant_items(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(th[t], NULL);
-        else dequant_items(&jobs[t]); /* no thread to be had: do its share here */
+        dequant_items(&j);
     }
     return 0;
 }
