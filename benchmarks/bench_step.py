@@ -14,9 +14,10 @@ It reports tokens/s, model FLOP/s (counted analytically for MLA and the activate
 parameters, forward + backward, ``train.metrics.train_flops_per_token``) divided by the
 bf16 GEMM peak measured in the same run (MFU), and the bytes saved for backward per step
 (activation memory, measured with saved-tensor hooks; parameters excluded) and the peak
-memory of a step: each variant runs alone in a fresh process (``--peak-of``), and the
-growth of its peak resident set over the built model is reported (gradients, AdamW
-moments, activations and every temporary; RSS because the CPU allocator keeps no stats).
+memory of a step: each variant runs alone in a fresh process (``--peak-of``); after a
+first step (which creates the optimizer state) the kernel's peak-RSS mark is reset and
+the rise of the resident set during the second step is reported: activations,
+gradients and every temporary (RSS because the CPU allocator keeps no statistics).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 
 import torch
 
-from moeforge.bench import interleaved, matmul_peak_flops, write_results
+from moeforge.bench import interleaved, machine_peak_flops, write_results
 from moeforge.config import load_config
 from moeforge.train.losses import lm_loss
 from moeforge.train.metrics import train_flops_per_token
@@ -52,18 +53,28 @@ def _rss_mb() -> float:
 
 
 def peak_of(preset: str, name: str) -> None:
-    """Child process: build the variant, run two steps, print the peak-RSS growth (MB)."""
-    from moeforge.runtime import tune_allocator
+    """Child process: build the variant, run a step, then print how far the resident set
+    rises above its level between steps during a second one (the kernel's VmHWM, reset)."""
+    import ctypes
 
-    tune_allocator()
+    from moeforge.runtime import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    # the opposite of the trainer's tune_allocator: every block of 64 KiB or more is its own
+    # mapping, returned to the kernel when freed, so the resident set follows live memory
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt(M_MMAP_THRESHOLD, 1 << 16)
+    mallopt(M_TRIM_THRESHOLD, 0)
     cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
     b, s = cfg.train.micro_batch_size, cfg.train.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
     step, _, _ = make_step(cfg, tokens)
+    step()  # first step: lazily created optimizer state, oneDNN kernels
     before = _rss_mb()
-    for _ in range(2):
-        step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with open("/proc/self/clear_refs", "w") as f:  # reset the kernel's peak-RSS mark (VmHWM) to now
+        f.write("5")
+    step()
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
     print(json.dumps({"peak_step_mb": peak - before}))
 
 
@@ -81,9 +92,9 @@ def make_step(cfg, tokens):
         return lm_loss(model(tokens[:, :-1], labels=tokens[:, 1:]), tokens[:, 1:], cfg.model)["loss"]
 
     def step():
-        opt.zero_grad()
         loss().backward()
         opt.step()
+        opt.zero_grad()  # gradients freed between steps: six small-preset variants share one process
 
     return step, loss, model
 
@@ -118,6 +129,7 @@ def main() -> None:
     base = load_config(preset, {"fp8.enabled": False, "train.progress": False})
     b, s = base.train.micro_batch_size, base.train.seq_len
     tokens = torch.randint(0, base.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    peaks = {name: measure_peak(preset, name) for name in args.variants}  # before this process grows
     steps, losses, mems = {}, {}, {}
     for name in args.variants:
         cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
@@ -125,8 +137,7 @@ def main() -> None:
         mems[name] = saved_bytes(loss_fn, model)
         steps[name]()  # compile / warm up outside the timing
     t = interleaved(steps, repeat=3 if args.quick else 5)
-    peaks = {name: measure_peak(preset, name) for name in args.variants}
-    peak = matmul_peak_flops(torch.bfloat16)
+    peak, peak_threads = machine_peak_flops(torch.bfloat16)
     fpt = train_flops_per_token(base.model, s)
     rows = []
     for name in args.variants:
@@ -135,16 +146,19 @@ def main() -> None:
                      "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
                      "peak_step_mb": peaks[name],
                      "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan")})
-    summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "flops_per_token": fpt,
+    summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "peak_threads": peak_threads,
+               "flops_per_token": fpt,
                **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
     if "fp8" in mems and "bf16" in mems:
         summary["fp8_saved_bytes_vs_bf16"] = mems["fp8"] / mems["bf16"]
         summary["fp8_peak_step_vs_bf16"] = peaks["fp8"] / peaks["bf16"]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
-             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / measured bf16 GEMM peak (2048^3).",
+             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the best bf16 GEMM rate (2048^3) measured "
+             f"at 1..{torch.get_num_threads()} threads (reached at {peak_threads}: the vCPUs share one AMX unit).",
              "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
-             "peak_step_mb: growth of the peak resident set over the built model during two steps, each variant "
-             "alone in a fresh process: gradients, AdamW moments, activations and temporaries."]
+             "peak_step_mb: how far the resident set rises during a training step above its level between steps "
+             "(each variant alone in a fresh process, the second step, peak-RSS mark reset, allocations of 64 KiB "
+             "and more unmapped when freed): activations, gradients and temporaries."]
     write_results(f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
                   rows, notes, summary)
     for r in rows:

@@ -58,6 +58,22 @@ def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeat
     return 2 * n**3 / t
 
 
+def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]:
+    """The best square-GEMM rate over 1..N threads (N = torch's current count) and the
+    thread count that reached it. Why not just N: this machine's two vCPUs are
+    hyperthreads sharing one AMX unit, and a bf16 GEMM runs ~1.3x *faster* on one
+    thread (~945 vs ~720 GFLOP/s), so the N-thread figure would flatter utilisation."""
+    n = torch.get_num_threads()
+    best = (0.0, n)
+    try:
+        for t in range(1, n + 1):
+            torch.set_num_threads(t)
+            best = max(best, (matmul_peak_flops(dtype), t))
+    finally:
+        torch.set_num_threads(n)
+    return best
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
