@@ -10,7 +10,7 @@ Choices:
 
 - Plain C and ctypes, not a torch C++ extension: gcc builds it in about a second with no
   torch headers, and ctypes releases the GIL during the call.
-- Built once per source/compiler/CPU into ``$MOEFORGE_CACHE`` (default
+- Built once per source, compiler, flags and CPU model/features into ``$MOEFORGE_CACHE`` (default
   ``~/.cache/moeforge``), with ``-O3 -march=native -ffp-contract=off`` (no FMA may change a
   rounding) and ``-fno-strict-aliasing`` (floats are read as their bits); written to a temporary name and renamed, so concurrent ranks do not race.
 - Optional: with no C compiler, a failed build, or ``MOEFORGE_FP8_CPU_KERNELS=0`` every
@@ -51,12 +51,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MOEFORGE_CACHE") or Path.home() / ".cache" / "moeforge")
 
 
+def _cpu_id() -> str:
+    """The CPU's model and feature flags: ``-march=native`` code must not be reused by a
+    different CPU sharing the cache directory (it could die of SIGILL)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), platform.processor()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"fp8_cpu_{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
