@@ -70,7 +70,13 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"fp8_cpu_{key}.so"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK):
+                raise OSError(f"{out.parent} is not writable")
+        except OSError:  # e.g. a read-only home: build under the temporary directory instead
+            out = Path(tempfile.gettempdir()) / f"moeforge-{os.getuid()}" / out.name
+            out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
