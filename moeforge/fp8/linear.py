@@ -73,7 +73,8 @@ class Fp8Ops:
         return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2, dq_dtype=self.compute_dtype)
 
     def quantize_many(self, x: torch.Tensor, tiles: tuple[str, ...]) -> list[Fp8Tensor]:
-        """``x`` in several tilings; on CPU they share the FP32 copy and ``|x|``."""
+        """``x`` in several tilings, each with its dequantized operand on CPU (one C-kernel
+        pass per tiling; the torch fallback shares one FP32 copy and ``|x|``)."""
         if self.use_triton:
             return [self.quantize(x, t) for t in tiles]
         return quantize_many(x, tuple(self._block(t) for t in tiles), eps=self.eps, power_of_2=self.power_of_2,
