@@ -177,3 +177,50 @@ def test_tiny_fp8_model_trains_like_bf16():
     assert abs(f8[0] - bf16[0]) / bf16[0] < 5e-3
     assert max(abs(a - b) / b for a, b in zip(f8, bf16)) < 0.05
     assert f8[-1] < 0.5 * f8[0]
+
+
+def test_gemms_reading_one_input_share_its_fp8_copy(monkeypatch):
+    """wq_a/wkv_a and w1/w3 read the same activation: one quantization, one saved E4M3
+    copy, and results and gradients equal to quantizing it separately for each GEMM."""
+    import moeforge.fp8.linear as fl
+
+    cfg = Fp8Config(enabled=True)
+    torch.manual_seed(0)
+    a, b = Fp8Linear(256, 384, cfg=cfg), Fp8Linear(256, 128, cfg=cfg)
+    w = torch.randn(4, 96, 256)
+    x0 = torch.randn(2, 100, 256).bfloat16()
+
+    def run():
+        x, ww = x0.clone().requires_grad_(), w.clone().requires_grad_()
+        a.zero_grad(), b.zero_grad()
+
+        def forward():
+            xs, grouped = x.view(-1, 256), Fp8GroupedLinear(cfg)
+            return (a(x).sum() + b(x).float().square().sum() + grouped(xs, ww, [50, 0, 100, 50]).sum()
+                    + grouped(xs, 2 * ww, [50, 0, 100, 50]).sum())
+
+        loss, saved = saved_tensors(forward)
+        loss.backward()
+        fp8_bytes = sum({t.data_ptr(): t.numel() for t in saved if t.dtype == torch.float8_e4m3fn and t.shape[-1] == 256}.values())
+        return fp8_bytes, x.grad, a.weight.grad.clone(), b.weight.grad.clone(), ww.grad
+
+    shared = run()
+    monkeypatch.setattr(fl, "_quantize_input", lambda ops, x, x2: ops.quantize(x2, "row"))
+    separate = run()
+    # the weights' 128x128-block copies also have 256 columns; the activation's copies differ
+    assert separate[0] - shared[0] == 2 * x0.numel(), (shared[0], separate[0])
+    assert all(torch.equal(p, q) for p, q in zip(shared[1:], separate[1:]))
+
+
+def test_shared_fp8_input_follows_in_place_changes():
+    cfg = Fp8Config(enabled=True)
+    lin = Fp8Linear(128, 64, cfg=cfg)
+    x = torch.randn(8, 128)
+    first = lin(x)
+    x.mul_(2)  # a new version: the memo must not hand back the old quantization
+    assert torch.equal(lin(x), Fp8Linear.forward(lin, x.clone()))
+    assert not torch.equal(first, lin(x))
+    with torch.inference_mode():
+        assert torch.equal(lin(x), Fp8Linear.forward(lin, x.clone()))
+        xi = torch.randn(8, 128)
+        assert torch.equal(lin(xi), Fp8Linear.forward(lin, xi.clone()))

@@ -102,10 +102,52 @@ def test_model_gradients_unchanged_by_recompute(monkeypatch):
         return sum(total)
 
     lean, lean_bytes = _step_grads(model, tokens), saved_bytes()
-    import moeforge.model.layers as layers
-
-    monkeypatch.setattr(layers, "is_plain", lambda *ts: False)  # force the plain autograd graph
+    monkeypatch.setattr(recompute, "is_plain", lambda *ts: False)  # force the plain autograd graph
     plain, plain_bytes = _step_grads(model, tokens), saved_bytes()
     assert lean.keys() == plain.keys()
     assert all(torch.equal(lean[k], plain[k]) for k in lean), [k for k in lean if not torch.equal(lean[k], plain[k])]
     assert lean_bytes < 0.75 * plain_bytes, (lean_bytes, plain_bytes)
+
+
+def test_router_linear_and_combine_bit_identical():
+    x = torch.randn(300, 64).bfloat16()
+    w = torch.randn(8, 64)
+    out_a, grads_a = _grads(recompute.fp32_linear, x, w)
+    out_b, grads_b = _grads(lambda x, w: F.linear(x.float(), w.float()), x, w)
+    assert out_a.dtype == torch.float32 and torch.equal(out_a, out_b)
+    assert all(torch.equal(p, q) for p, q in zip(grads_a, grads_b))
+    idx = torch.randint(0, 100, (300,))
+    out_a, (g_a,) = _grads(lambda y: recompute.scatter_add_rows(y, idx, 100), x)
+    out_b, (g_b,) = _grads(lambda y: y.new_zeros(100, 64).index_add(0, idx, y), x)
+    assert torch.equal(out_a, out_b) and torch.equal(g_a, g_b)
+
+
+@pytest.mark.parametrize("over", [{}, {"model.q_lora_rank": 0}, {"model.v_head_dim": 48}],
+                         ids=["mla", "mla-noqlora", "mla-equal-vdim"])
+def test_recomputed_attention_bit_identical(over, monkeypatch):
+    """MLA with rebuilt q/k/v: output and every gradient equal the plain SDPA graph's, and
+    it keeps well under half the bytes."""
+    from moeforge.model.attention import MLA
+
+    cfg = load_config("tiny", over).model
+    torch.manual_seed(0)
+    attn = MLA(cfg)
+    x = torch.randn(3, 40, cfg.dim).bfloat16()
+
+    def run():
+        attn.zero_grad()
+        saved, xx = [], x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(0 if isinstance(t, torch.nn.Parameter) else t.numel() * t.element_size()) or t,
+                lambda t: t):
+            out = attn(xx)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
+        return out, xx.grad, {n: p.grad.clone() for n, p in attn.named_parameters()}, sum(saved)
+
+    lean = run()
+    monkeypatch.setattr(recompute, "is_plain", lambda *ts: False)
+    plain = run()
+    assert torch.equal(lean[0], plain[0]) and torch.equal(lean[1], plain[1])
+    assert lean[2].keys() == plain[2].keys()
+    assert all(torch.equal(lean[2][k], plain[2][k]) for k in plain[2]), [k for k in plain[2] if not torch.equal(lean[2][k], plain[2][k])]
+    assert lean[3] < 0.5 * plain[3], (lean[3], plain[3])

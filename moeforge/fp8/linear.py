@@ -13,7 +13,8 @@ Both are autograd Functions whose three GEMMs run on blockwise-scaled E4M3 opera
 Choices:
 
 - Saved for backward: x in FP8 with its 1x128 scales and W in FP8 with its 128x128 scales,
-  never a bf16 or fp32 copy. Master weights stay whatever the parameter is (FP32); dW is
+  never a bf16 or fp32 copy. GEMMs reading the same activation tensor (wq_a/wkv_a, w1/w3)
+  share one quantization of it and so save one copy. Master weights stay whatever the parameter is (FP32); dW is
   returned in the weight's dtype, dx in the input's.
 - Scales are online (current tensor), as published: no amax history.
 - CPU cost: the quantizers are C kernels (``cpu_kernels.py``) that write the E4M3 copy
@@ -37,6 +38,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
@@ -146,12 +148,31 @@ def _grad_operands(ops: Fp8Ops, dy: torch.Tensor, dy_col: torch.Tensor, need_x: 
     return (ops.quantize(dy, "row") if need_x else None), (ops.quantize(dy_col, "col") if need_w else None)
 
 
+# ----------------------------------------------------------------------------- shared input quantization
+# Several FP8 GEMMs often read one activation: wq_a and wkv_a the attention input, w1 and
+# w3 (dense, shared and routed experts) the MLP input. Each used to quantize it and save
+# its own E4M3 copy; the memo below gives them one copy (one pass, one saved tensor),
+# keyed by the tensor object and its version counter, held only while that tensor lives.
+_INPUT_FP8 = WeakIdKeyDictionary()
+
+
+def _quantize_input(ops: Fp8Ops, x: torch.Tensor, x2: torch.Tensor) -> Fp8Tensor:
+    """``x2`` (``x`` as [rows, K]) in 1x128 tiles, shared with earlier GEMMs on the same ``x``."""
+    if torch.compiler.is_compiling() or x.is_inference():  # inference tensors have no version counter
+        return ops.quantize(x2, "row")
+    hit = _INPUT_FP8.get(x)
+    if hit is not None and hit[0] == x._version and hit[1] == ops:
+        return hit[2]
+    xq = ops.quantize(x2, "row")
+    _INPUT_FP8[x] = (x._version, ops, xq)
+    return xq
+
+
 # ----------------------------------------------------------------------------- dense linear
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops: Fp8Ops) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        xq, wq = ops.quantize(x2, "row"), ops.quantize(weight, "block")
+        xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.quantize(weight, "block")
         y = ops.gemm(xq, wq, x.dtype)
         ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)
         ctx.ops, ctx.x_shape, ctx.w_dtype = ops, x.shape, weight.dtype
@@ -208,7 +229,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
         n_used = [counts[e] for e in used]
         idx = torch.tensor(used, dtype=torch.long, device=w.device)
         w_used = w if len(used) == w.shape[0] else w.index_select(0, idx)
-        xq, wq = ops.quantize(x, "row"), ops.quantize(w_used, "block")
+        xq, wq = _quantize_input(ops, x, x), ops.quantize(w_used, "block")
         y = ops.grouped_gemm(xq, wq, n_used, x.dtype)
         ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, idx)
         ctx.ops, ctx.n_used, ctx.w_shape, ctx.w_dtype = ops, n_used, w.shape, w.dtype

@@ -7,6 +7,9 @@ Choices:
   shared by all heads. Head dims for nope / rope / value are separate.
 - Training and prefill without a cache materialise per-head K/V and call
   ``scaled_dot_product_attention`` (causal), which is what the CPU kernels are fast at.
+  Training on CPU keeps only the two latents, the output and the log-sum-exp for
+  backward and rebuilds q, k, v there (``recompute.recomputed_attention``, V3's MLA
+  up-projection recomputation); wo, wq_a and wkv_a are outside that region.
 - Decoding with a cache stores only the normalised latent and the rotated rope key per
   token (kv_lora_rank + qk_rope_head_dim numbers, not 2 * heads * head_dim) and uses the
   "absorbed" form: the key up-projection is folded into the query and the value
@@ -16,11 +19,14 @@ Choices:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
+from moeforge.model import recompute
 from moeforge.model.layers import Linear, RMSNorm, Rotary, yarn_softmax_mscale
 
 
@@ -70,34 +76,60 @@ class MLA(nn.Module):
         self.wo = Linear(self.n_heads * self.vdim, cfg.dim)
         self.rotary = Rotary(cfg, self.rope)
         self.softmax_scale = qk**-0.5 * yarn_softmax_mscale(cfg)
+        self.recompute_up_proj = True  # train.recompute_attention
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
         return KVCache((batch, max_len, self.kv_lora_rank), (batch, max_len, self.rope), dtype=dtype, device=device)
 
-    def _queries(self, x: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+    def _queries(self, q_src: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_src is x (no q_lora) or the query latent before its norm -> (q_nope, rotated q_pe)."""
+        b, s, _ = q_src.shape
+        q = self.wq(q_src) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_src))
         q = q.view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         return q_nope, self.rotary(q_pe, start_pos)
 
+    def _latent(self, kv_src: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_a's output -> (normalised KV latent [B, S, C], rotated rope key [B, S, R])."""
+        kv, k_pe = kv_src.split([self.kv_lora_rank, self.rope], dim=-1)
+        return self.kv_norm(kv), self.rotary(k_pe.unsqueeze(2), start_pos).squeeze(2)  # one key for all heads
+
+    def _qkv(self, q_src: torch.Tensor, kv_src: torch.Tensor, start_pos: int = 0):
+        """Per-head q, k, v [B, H, S, nope + rope], V zero-padded to that width: CPU's fused
+        SDPA wants equal head dims (else a 2x slower path)."""
+        b, s, _ = q_src.shape
+        q_nope, q_pe = self._queries(q_src, start_pos)
+        kv, k_pe = self._latent(kv_src, start_pos)
+        k_nope, v = self.wkv_b(kv).view(b, s, self.n_heads, self.nope + self.vdim).split([self.nope, self.vdim], -1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.vdim < self.nope + self.rope:
+            v = F.pad(v, (0, self.nope + self.rope - self.vdim))
+        return q, k, v
+
+    def _recompute_ok(self, *ts: torch.Tensor) -> bool:
+        """Training on CPU with plain tensors, not under torch.compile: rebuild q, k, v in backward."""
+        return (self.recompute_up_proj and torch.is_grad_enabled() and ts[0].device.type == "cpu" and not torch.compiler.is_compiling()
+                and recompute.is_plain(*ts, *self.parameters()))
+
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q_nope, q_pe = self._queries(x, start_pos)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_norm(kv)
-        k_pe = self.rotary(k_pe.unsqueeze(2), start_pos).squeeze(2)  # [B, S, rope], one key for all heads
+        q_src = x if self.q_lora_rank == 0 else self.wq_a(x)
+        kv_src = self.wkv_a(x)
         if cache is None:
-            kvb = self.wkv_b(kv).view(b, s, self.n_heads, self.nope + self.vdim)
-            k_nope, v = kvb.split([self.nope, self.vdim], dim=-1)
-            q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.n_heads, self.rope)], dim=-1).transpose(1, 2)
-            v = v.transpose(1, 2)
-            qk = self.nope + self.rope
-            if self.vdim < qk:  # CPU's fused SDPA wants equal head dims (else a 2x slower path): zero-pad V
-                v = F.pad(v, (0, qk - self.vdim))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)[..., : self.vdim]
-            return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+            if self._recompute_ok(q_src, kv_src):
+                q_mods = (self.wq,) if self.q_lora_rank == 0 else (self.q_norm, self.wq_b)
+                params = [p for m in (*q_mods, self.kv_norm, self.wkv_b) for p in m.parameters() if p.requires_grad]
+                o = recompute.recomputed_attention(partial(self._qkv, start_pos=start_pos), q_src, kv_src, params,
+                                                   self.softmax_scale, self.vdim)
+            else:
+                q, k, v = self._qkv(q_src, kv_src, start_pos)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+                o = o[..., : self.vdim].transpose(1, 2)
+            return self.wo(o.reshape(b, s, -1))
+        q_nope, q_pe = self._queries(q_src, start_pos)
+        kv, k_pe = self._latent(kv_src, start_pos)
         # --- decoding: absorbed form over the latent cache
         lat, pe = cache.write(start_pos, kv, k_pe)  # [B, T, C], [B, T, R]
         w = self.wkv_b.weight.to(x.dtype).view(self.n_heads, self.nope + self.vdim, self.kv_lora_rank)

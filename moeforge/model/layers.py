@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
-from moeforge.model.recompute import is_plain, rms_norm, swiglu
+from moeforge.model import recompute
 
 
 class Linear(nn.Linear):
@@ -47,8 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_plain(x, self.weight):
-            return rms_norm(x, self.weight, self.eps)
+        if recompute.is_plain(x, self.weight):
+            return recompute.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -70,7 +70,7 @@ class MLP(nn.Module):
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
     """``silu(a) * b`` through the recomputing SwiGLU (plain tensors) or plain autograd."""
-    return swiglu(a, b, fp8) if is_plain(a, b) else F.silu(a) * b
+    return recompute.swiglu(a, b, fp8) if recompute.is_plain(a, b) else F.silu(a) * b
 
 
 # ----------------------------------------------------------------------------- rotary + YaRN

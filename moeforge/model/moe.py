@@ -15,7 +15,8 @@ Choices (DeepSeek-V3, TR §2.1.2 and the reference ``Gate``):
   sequence and averaged over the batch.
 - Dispatch without loops over tokens: (token, slot) pairs are sorted by expert, each
   expert's contiguous slice goes through one GEMM (``torch._grouped_mm``: one call for all
-  experts, empty experts do no work), and results are scattered back with index_add.
+  experts, empty experts do no work), and results are scattered back with index_add
+  (through ``recompute.scatter_add_rows``, which does not keep the rows for backward).
   :class:`LocalDispatcher` is its own component so expert parallelism can swap in an
   all-to-all one.
 - ``GroupedExperts.grouped_linear`` is an instance attribute so FP8 conversion can
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
+from moeforge.model import recompute
 from moeforge.model.layers import MLP, silu_mul
 
 
@@ -49,7 +51,10 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Unbiased affinity scores [T, E] in FP32."""
-        logits = F.linear(x.float(), self.weight.float())
+        if x.dim() == 2 and recompute.is_plain(x, self.weight):
+            logits = recompute.fp32_linear(x, self.weight)  # saves x in its dtype, not an FP32 copy
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
 
     def route(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +168,9 @@ class LocalDispatcher:
     def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         order, token = ctx
         w = weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        out = y.new_zeros(n_tokens, y.shape[-1])
-        return out.index_add(0, token, y * w)
+        if recompute.is_plain(y):
+            return recompute.scatter_add_rows(y * w, token, n_tokens)  # saves token only
+        return y.new_zeros(n_tokens, y.shape[-1]).index_add(0, token, y * w)
 
 
 class MoE(nn.Module):

@@ -1,10 +1,11 @@
-"""Memory-lean RMSNorm and SwiGLU: save the inputs, recompute the rest in backward.
+"""Memory-lean autograd Functions: save the inputs, recompute the rest in backward.
 
-DeepSeek-V3 (TR section 3.2.3 and 3.3.2) recomputes RMSNorm in backward and caches the
-SwiGLU inputs, recomputing its output; under FP8 those cached inputs are themselves FP8
-with 1x128 tiles. Plain autograd keeps far more: RMSNorm's FP32 copy of x, the
-normalised x and the scaled output (three FP32 tensors per norm, about a third of
-everything the tiny preset saves), and SwiGLU's silu(a) next to a and b.
+DeepSeek-V3 (TR sections 3.2.3 and 3.3.2) recomputes RMSNorm and the MLA up-projections
+in backward and caches the SwiGLU inputs, recomputing its output; under FP8 those cached
+inputs are themselves FP8 with 1x128 tiles. Plain autograd keeps far more: RMSNorm's FP32
+copy of x, the normalised x and the scaled output; SwiGLU's silu(a) next to a and b;
+attention's per-head q, k and v; the router's FP32 copy of its input; the MoE combine's
+source rows.
 
 Choices:
 
@@ -12,14 +13,20 @@ Choices:
   is the *same sequence of ops* autograd runs for ``RMSNorm``'s forward (mul, sum over
   the broadcast dims, rsqrt's ``-0.5 * g * r^3``, mean's ``/ C``, pow's ``2x``), so results
   are bit-identical to the plain graph (``tests/test_recompute.py`` checks with
-  ``torch.equal``): recomputation changes memory, not numbers.
+  ``torch.equal``): recomputation changes memory, not numbers. The same holds for every
+  Function here except the FP8-cached SwiGLU.
 - :func:`swiglu` ``silu(a) * b`` saves a and b and recomputes silu(a) with the same
-  kernel, so it is bit-identical too. With ``fp8`` set (``fp8.convert`` does when
-  ``fp8.cache_swiglu``), a and b are saved as E4M3 with 1x128 scales instead, as V3
-  does; backward then runs on their dequantized values (a deliberate approximation,
-  part of the FP8 recipe).
+  kernel. With ``fp8`` set (``fp8.convert`` does when ``fp8.cache_swiglu``), a and b are
+  saved as E4M3 with 1x128 scales instead, as V3 does; backward then runs on their
+  dequantized values (a deliberate approximation, part of the FP8 recipe).
+- :func:`recomputed_attention` keeps the two latents the up-projections start from, the
+  attention output (in the output projection's layout, so the bf16 model saves that
+  tensor once for both) and the log-sum-exp; q, k, v are rebuilt in backward. About a
+  quarter of what attention kept before, for two extra small GEMMs.
 - Plain tensors only: with DTensors (tensor/sequence parallelism) callers keep the
-  ordinary autograd graph, whose sharding propagation is already proven.
+  ordinary autograd graph, whose sharding propagation is already proven. Callers ask
+  :func:`is_plain` through this module at call time, so one switch (tests patch it)
+  turns every lean path off.
 """
 
 from __future__ import annotations
@@ -91,6 +98,91 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
     """``silu(a) * b``; saves a and b (E4M3 with 1x128 scales when ``fp8`` is an
     ``Fp8Config``), recomputes silu(a) in backward."""
     return _SwiGLUFn.apply(a, b, fp8)
+
+
+# ----------------------------------------------------------------------------- MoE router and combine
+class _Fp32LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
+        dx = g.mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = x.float().t().mm(g).t().to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x.float(), weight.float())`` for 2-D x (the FP32 router) that saves x in
+    its own dtype: upcasting bf16 is exact, so the FP32 copy autograd would keep (twice
+    the bytes) is rebuilt in backward instead. Bit-identical gradients."""
+    return _Fp32LinearFn.apply(x, weight)
+
+
+class _ScatterRowsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return src.new_zeros(n_rows, src.shape[1]).index_add(0, index, src)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return g.index_select(0, index), None, None
+
+
+def scatter_add_rows(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``zeros(n_rows, d).index_add(0, index, src)`` (the MoE combine) that saves only
+    ``index``: autograd's ``index_add`` also keeps ``src`` although its gradient is just
+    ``g[index]``."""
+    return _ScatterRowsFn.apply(src, index, n_rows)
+
+
+# ----------------------------------------------------------------------------- attention
+class _RecomputedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, project, scale: float, vdim: int, q_src: torch.Tensor, kv_src: torch.Tensor, *params):
+        with torch.no_grad():
+            q, k, v = project(q_src, kv_src)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)
+        o = out[..., :vdim].transpose(1, 2).contiguous()  # [B, S, H, vdim]: the output projection's input
+        ctx.save_for_backward(q_src, kv_src, o, lse)
+        ctx.project, ctx.scale, ctx.params, ctx.padded = project, scale, params, out.shape[-1]
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q_src, kv_src, o, lse = ctx.saved_tensors
+        srcs = [t.detach().requires_grad_(need) for t, need in zip((q_src, kv_src), ctx.needs_input_grad[3:5])]
+        with torch.enable_grad():
+            q, k, v = ctx.project(*srcs)  # the up-projections again, bit for bit
+        # V's zero padding makes the padded output columns exactly zero; rebuild them
+        out = o.new_zeros(o.shape[0], o.shape[2], o.shape[1], ctx.padded)
+        out[..., : o.shape[-1]] = o.transpose(1, 2)
+        dout = do.new_zeros(out.shape)
+        dout[..., : o.shape[-1]] = do.transpose(1, 2)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
+        wrt = [t for t in (*srcs, *ctx.params) if t.requires_grad]
+        got = iter(torch.autograd.grad((q, k, v), wrt, (dq, dk, dv), allow_unused=True))
+        grads = [next(got) if t.requires_grad else None for t in (*srcs, *ctx.params)]
+        return (None, None, None, *grads)
+
+
+def recomputed_attention(project, q_src: torch.Tensor, kv_src: torch.Tensor, params: list[torch.Tensor],
+                         scale: float, vdim: int) -> torch.Tensor:
+    """Causal attention over ``q, k, v = project(q_src, kv_src)`` ([B, H, S, D] each, V
+    zero-padded to D) that saves only the small inputs, the output ``[B, S, H, vdim]``
+    and the log-sum-exp, and runs ``project`` again in backward: DeepSeek-V3's
+    recomputation of the MLA up-projections (TR section 3.2.3). ``params`` are the
+    parameters ``project`` uses. CPU only (it calls the CPU flash-attention kernels that
+    ``scaled_dot_product_attention`` dispatches to); gradients are bit-identical to
+    autograd through the same code."""
+    return _RecomputedAttentionFn.apply(project, scale, vdim, q_src, kv_src, *params)
 
 
 def is_plain(*ts: torch.Tensor) -> bool:

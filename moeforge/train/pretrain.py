@@ -141,6 +141,9 @@ def build_model(cfg: Config, device: torch.device, mesh=None):
         convert(model, cfg.fp8)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
+    for m in model.modules():
+        if hasattr(m, "recompute_up_proj"):
+            m.recompute_up_proj = cfg.train.recompute_attention
     model = apply(model, mesh, cfg)  # identity in one process
     if cfg.train.compile:
         model.compile()  # in place: parameter names (and so checkpoints) stay the same
