@@ -62,8 +62,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go: torch.Tensor):
-        gh = None if ctx.grad_h is None else ctx.grad_h * go.to(ctx.grad_h.dtype)
-        gw = None if ctx.grad_w is None else ctx.grad_w * go.to(ctx.grad_w.dtype)
+        # in place: the buffers are ours and used once (a fresh [V, D] FP32 product was
+        # another 32 MiB to allocate and fault in per step on the small preset)
+        gh = None if ctx.grad_h is None else ctx.grad_h.mul_(go.to(ctx.grad_h.dtype))
+        gw = None if ctx.grad_w is None else ctx.grad_w.mul_(go.to(ctx.grad_w.dtype))
         ctx.grad_h = ctx.grad_w = None  # one backward per forward, as for any saved buffer
         return gh, gw, None
 

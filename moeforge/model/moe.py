@@ -93,15 +93,40 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, n
     return (f * p).sum(dim=-1).mean()
 
 
+class _GroupedLinearFn(torch.autograd.Function):
+    """Autograd's own ``_grouped_mm`` backward computes the weight gradient as
+    ``x^T dy`` per expert, i.e. for ``W^T``: it reaches the FP32 master as a transposed
+    view, and casting that to FP32 was a strided copy ~5x slower than a contiguous one
+    (~0.3 s per step on the small preset). Here dW = ``dy^T x`` comes out in W's own layout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        wc = w.to(x.dtype)
+        ctx.save_for_backward(x, wc, offs)
+        ctx.w_dtype = w.dtype
+        return torch._grouped_mm(x, wc.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, wc, offs = ctx.saved_tensors
+        dx = torch._grouped_mm(dy, wc, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # K-grouped over tokens: [out, T] x [T, in] -> [E, out, in]
+            dw = torch._grouped_mm(dy.t(), x, offs=offs).to(ctx.w_dtype)
+        return dx, dw, None
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [T, in] sorted by expert, w [E, out, in], counts tokens per expert -> [T, out].
 
     One ``torch._grouped_mm`` call for all experts; experts with no tokens cost nothing.
     """
-    w = w.to(x.dtype)
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[1])
     offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    if recompute.is_plain(x, w):
+        return _GroupedLinearFn.apply(x, w, offs)
+    w = w.to(x.dtype)
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
