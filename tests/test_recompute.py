@@ -167,3 +167,20 @@ def test_grouped_linear_gradient_in_weight_layout(monkeypatch):
     assert torch.equal(lean_out, plain_out)
     assert all(torch.equal(p, q) for p, q in zip(lean, plain))
     assert lean[1].is_contiguous() and lean[1][1].abs().sum() == 0  # the empty expert gets zero
+
+
+def test_expert_row_padding_round_trip():
+    """Padding each expert's rows to its bucket and back is exact both ways, and the
+    gradient of the padding is the un-padding (and vice versa)."""
+    from moeforge.model.moe import _RepadFn, padded_rows, repad_rows
+
+    counts, padded = [3, 0, 5, 2], [4, 0, 8, 2]
+    x = torch.randn(10, 6)
+    dest = padded_rows(counts, padded, x.device)
+    ref = torch.zeros(14, 6).index_copy_(0, dest, x)  # an independent construction
+    assert torch.equal(repad_rows(x, counts, padded), ref)
+    assert torch.equal(repad_rows(ref, padded, counts), x)
+    xx = x.clone().requires_grad_()
+    g = torch.randn(14, 6)
+    _RepadFn.apply(xx, counts, padded).backward(g)
+    assert torch.equal(xx.grad, g[dest])

@@ -261,9 +261,9 @@ def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torc
     """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
     if counts == padded:
         return x
-    from moeforge.model.moe import padded_rows  # not at module level: config -> fp8 -> model -> config
+    from moeforge.model.moe import repad_rows  # not at module level: config -> fp8 -> model -> config
 
-    return x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, padded_rows(counts, padded, x.device), x)
+    return repad_rows(x, counts, padded)
 
 
 class Fp8GroupedLinear:
