@@ -8,121 +8,54 @@ It produces bit-for-bit the numbers of the torch path in :mod:`moeforge.fp8.quan
 
 Choices:
 
-- Plain C and ctypes, not a torch C++ extension: gcc builds it in about a second with no
-  torch headers, and ctypes releases the GIL during the call.
-- Built once per source, compiler, flags and CPU model/features into ``$MOEFORGE_CACHE`` (default
-  ``~/.cache/moeforge``), with ``-O3 -march=native -ffp-contract=off`` (no FMA may change a
-  rounding) and ``-fno-strict-aliasing`` (floats are read as their bits); written to a temporary name and renamed, so concurrent ranks do not race.
+- Built and loaded by :mod:`moeforge.native` (cached per source, compiler, flags and
+  CPU; OpenMP on torch's own libgomp threads), with ``-ffp-contract=off`` added: no FMA
+  may change a rounding.
 - Optional: with no C compiler, a failed build, or ``MOEFORGE_FP8_CPU_KERNELS=0`` every
   caller falls back to the torch path (one warning). Only fp32/bf16 CPU tensors take
   this path (made contiguous first).
-- Threads: the kernel splits tiles over ``torch.get_num_threads()`` OpenMP threads. It
-  links ``libgomp.so.1``, the runtime torch's CPU wheel has already loaded, so it runs on
-  torch's own worker threads; with pthreads of its own, torch's idle OpenMP workers (which
-  spin for a while after each parallel region) took the second core and the FP8 step at
-  2 threads was 1.7x BF16 instead of ~1.3x.
+- Threads: the kernel splits tiles over ``torch.get_num_threads()`` threads; with
+  pthreads of its own instead of torch's OpenMP runtime, the FP8 step at 2 threads was
+  1.7x BF16 instead of ~1.3x (torch's idle workers spin and took the second core).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
+from moeforge.native import BASE_FLAGS, NativeLibrary
+
 SOURCE = Path(__file__).with_name("csrc") / "fp8_cpu.c"
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC", "-fopenmp"]
+FLAGS = [*BASE_FLAGS, "-ffp-contract=off"]
 _XTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-_disabled = os.environ.get("MOEFORGE_FP8_CPU_KERNELS", "1") == "0"
 
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MOEFORGE_CACHE") or Path.home() / ".cache" / "moeforge")
-
-
-def _cpu_id() -> str:
-    """The CPU's model and feature flags: ``-march=native`` code must not be reused by a
-    different CPU sharing the cache directory (it could die of SIGILL)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"fp8_cpu_{key}.so"
-    if not out.is_file():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(out.parent, os.W_OK):
-                raise OSError(f"{out.parent} is not writable")
-        except OSError:  # e.g. a read-only home: build under the temporary directory instead
-            out = Path(tempfile.gettempdir()) / f"moeforge-{os.getuid()}" / out.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-            os.replace(tmp, out)
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(out))
+def _configure(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mf_quantize.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int,
                                 ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     lib.mf_dequantize.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     lib.mf_quantize.restype = lib.mf_dequantize.restype = ctypes.c_int
-    return lib
+
+
+_LIB = NativeLibrary(SOURCE, FLAGS, _configure, "MOEFORGE_FP8_CPU_KERNELS", "FP8 CPU kernels")
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when disabled or unbuildable (warned once)."""
-    global _lib, _tried
-    if _disabled:
-        return None
-    if not _tried:
-        _tried = True
-        try:
-            _lib = _build()
-        except (OSError, RuntimeError) as e:
-            warnings.warn(f"moeforge FP8 CPU kernels unavailable, using the slower torch path: {e}", stacklevel=2)
-    return _lib
+    return _LIB.get()
 
 
-@contextlib.contextmanager
 def disabled():
-    """Run the block on the torch path (tests compare the two)."""
-    global _disabled
-    old, _disabled = _disabled, True
-    try:
-        yield
-    finally:
-        _disabled = old
+    """Context manager: run the block on the torch path (tests compare the two)."""
+    return _LIB.disabled()
 
 
 def available() -> bool:
-    return not _disabled and library() is not None
+    return library() is not None
 
 
 def usable(x: torch.Tensor) -> bool:

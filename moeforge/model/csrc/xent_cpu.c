@@ -1,0 +1,114 @@
+/* Fused softmax cross-entropy over rows of logits, gradient written in place.
+ *
+ * Why C: the torch version of moeforge/model/head_loss.py runs about eight passes over
+ * each [rows, vocab] chunk (upcast, max, exp-sum, gather, subtract, exp, scatter, scale,
+ * downcast), which on the small preset cost more than the head GEMMs themselves. Here a
+ * row is read once into an FP32 buffer that stays in L1/L2, and written back once.
+ *
+ * Per row t (V logits z, label y, scale = 1/denom or 0 for ignored rows):
+ *   m = max z;  e_i = exp(z_i - m);  s = sum e_i;  lse = m + log s
+ *   loss[t] = lse - z_y (0 when ignored)
+ *   grad    = (e_i / s - [i == y]) * scale      written over z, in z's dtype
+ * The exponential is our own vectorizable FP32 exp (2^n times a degree-7 polynomial,
+ * relative error ~2e-7) because libm's expf does not vectorize without -ffast-math;
+ * reductions use `omp simd` so GCC may reorder them. Results therefore differ from the
+ * torch path in the last bits; the tests compare both with an FP64 reference.
+ * Logits are fp32 (xtype 0) or bf16 (xtype 1); bf16 is written back round-to-nearest-even.
+ * Rows are split over OpenMP threads; each thread has one FP32 row buffer.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float f32_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+static inline float bf16_value(uint16_t h) { return f32_of_bits((uint32_t)h << 16); }
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t b = bits_of_f32(f);
+    uint32_t is_nan = -(uint32_t)((b & 0x7FFFFFFFu) > 0x7F800000u);
+    uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    return (uint16_t)((r & ~is_nan) | (((b >> 16) | 0x40u) & is_nan));
+}
+
+/* exp(x) for x <= 0 (arguments are z - max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
+ * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free. */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float two_n = f32_of_bits((uint32_t)((int32_t)n + 127) << 23);
+    return x < -87.3f ? 0.0f : p * two_n;
+}
+
+static void row(void *z, int xtype, int64_t V, int64_t label, float scale, int need_grad,
+                float *buf, float *loss) {
+    if (xtype == 1) {
+        const uint16_t *h = (const uint16_t *)z;
+        for (int64_t i = 0; i < V; i++) buf[i] = bf16_value(h[i]);
+    } else {
+        memcpy(buf, z, (size_t)V * sizeof(float));
+    }
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < V; i++) m = buf[i] > m ? buf[i] : m;
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < V; i++) {
+        float e = exp_nonpos(buf[i] - m);
+        buf[i] = e;
+        s += e;
+    }
+    int valid = label >= 0 && label < V;
+    float lse = m + logf(s);
+    if (valid) {
+        float zy = xtype == 1 ? bf16_value(((const uint16_t *)z)[label]) : ((const float *)z)[label];
+        *loss = lse - zy;
+    } else {
+        *loss = 0.0f;
+    }
+    if (!need_grad) return;
+    float k = valid ? scale / s : 0.0f;
+    if (valid) buf[label] -= s;  /* (e_y - s) * k = (p_y - 1) * scale */
+    if (xtype == 1) {
+        uint16_t *h = (uint16_t *)z;
+        for (int64_t i = 0; i < V; i++) h[i] = bf16_round(buf[i] * k);
+    } else {
+        float *f = (float *)z;
+        for (int64_t i = 0; i < V; i++) f[i] = buf[i] * k;
+    }
+}
+
+/* logits [T, V] row-major (modified in place when need_grad), labels [T] int64 (any value
+ * outside [0, V) is ignored), loss [T] out. Returns 0, or -1 when out of memory. */
+int mf_softmax_xent(void *logits, int xtype, int64_t T, int64_t V, const int64_t *labels, float scale,
+                    int need_grad, float *loss, int nthreads) {
+    int failed = 0;
+    size_t esize = xtype == 1 ? 2 : 4;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc((size_t)V * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            if (buf == NULL) {  /* every thread must reach the worksharing loop */
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            row((char *)logits + (size_t)t * (size_t)V * esize, xtype, V, labels[t], scale, need_grad, buf, &loss[t]);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}

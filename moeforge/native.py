@@ -1,0 +1,114 @@
+"""Small C kernels for the CPU: built with the system compiler on first use, loaded with ctypes.
+
+Used where eager PyTorch needs many passes over a large tensor for what one pass can do:
+the FP8 quantizers (``fp8/csrc/fp8_cpu.c``) and the fused softmax cross-entropy of the
+output head (``model/csrc/xent_cpu.c``).
+
+Choices:
+
+- Plain C and ctypes, not a torch C++ extension: gcc builds a kernel file in about a
+  second with no torch headers, and ctypes releases the GIL during the call.
+- Built once per source, compiler, flags and CPU model/features into ``$MOEFORGE_CACHE``
+  (default ``~/.cache/moeforge``; the temporary directory when that is not writable),
+  written to a temporary name and renamed, so concurrent ranks do not race. The CPU is
+  part of the key because ``-march=native`` code must not run on another CPU (SIGILL).
+- Optional: with no C compiler, a failed build, or the library's environment switch set
+  to 0, :meth:`NativeLibrary.get` returns None (one warning) and callers use their torch
+  path, which is also the reference the tests compare the kernels with.
+- Threads: kernels use OpenMP and link ``libgomp.so.1``, the runtime torch's CPU wheel
+  has already loaded, so they run on torch's own worker threads (pthreads of our own
+  competed with torch's spinning idle workers for the cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC", "-fopenmp"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEFORGE_CACHE") or Path.home() / ".cache" / "moeforge")
+
+
+def cpu_id() -> str:
+    """The CPU's model and feature flags (part of the build key)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def build(source: Path, flags: list[str]) -> ctypes.CDLL:
+    """Compile ``source`` into a cached shared library (if not already there) and load it."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    src = source.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"{source.stem}_{key}.so"
+    if not out.is_file():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK):
+                raise OSError(f"{out.parent} is not writable")
+        except OSError:  # e.g. a read-only home: build under the temporary directory instead
+            out = Path(tempfile.gettempdir()) / f"moeforge-{os.getuid()}" / out.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+            os.replace(tmp, out)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.CDLL(str(out))
+
+
+class NativeLibrary:
+    """One kernel file: built lazily, configured (argtypes) once, switchable off."""
+
+    def __init__(self, source: Path, flags: list[str], configure: Callable[[ctypes.CDLL], None],
+                 env_switch: str, what: str):
+        self.source, self.flags, self.configure, self.what = source, flags, configure, what
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self._disabled = os.environ.get(env_switch, "1") == "0"
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, or None when disabled or unbuildable (warned once)."""
+        if self._disabled:
+            return None
+        if not self._tried:
+            self._tried = True
+            try:
+                lib = build(self.source, self.flags)
+                self.configure(lib)
+                self._lib = lib
+            except (OSError, RuntimeError, AttributeError) as e:
+                warnings.warn(f"moeforge {self.what} unavailable, using the slower torch path: {e}", stacklevel=3)
+        return self._lib
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the block on the torch path (tests compare the two)."""
+        old, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = old
