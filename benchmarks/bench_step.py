@@ -154,7 +154,8 @@ def main() -> None:
         summary["fp8_peak_step_vs_bf16"] = peaks["fp8"] / peaks["bf16"]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
              f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the best bf16 GEMM rate (2048^3) measured "
-             f"at 1..{torch.get_num_threads()} threads (reached at {peak_threads}: the vCPUs share one AMX unit).",
+             f"at 1..{torch.get_num_threads()} threads (reached at {peak_threads}; on hosts whose two vCPUs are "
+             f"hyperthreads of one core, one thread is faster).",
              "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
              "peak_step_mb: how far the resident set rises during a training step above its level between steps "
              "(each variant alone in a fresh process, the second step, peak-RSS mark reset, allocations of 64 KiB "

@@ -60,9 +60,10 @@ def matmul_peak_flops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeat
 
 def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]:
     """The best square-GEMM rate over 1..N threads (N = torch's current count) and the
-    thread count that reached it. Why not just N: this machine's two vCPUs are
-    hyperthreads sharing one AMX unit, and a bf16 GEMM runs ~1.3x *faster* on one
-    thread (~945 vs ~720 GFLOP/s), so the N-thread figure would flatter utilisation."""
+    thread count that reached it. Why not just N: on some hosts of this project the two
+    vCPUs were hyperthreads sharing one AMX unit, and a bf16 GEMM ran ~1.3x *faster* on
+    one thread (~945 vs ~720 GFLOP/s), so the N-thread figure would flatter utilisation.
+    On two real cores (session 4's host) two threads reach ~1.7-2.0 TFLOP/s."""
     n = torch.get_num_threads()
     best = (0.0, n)
     try:
