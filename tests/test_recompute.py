@@ -184,3 +184,23 @@ def test_expert_row_padding_round_trip():
     g = torch.randn(14, 6)
     _RepadFn.apply(xx, counts, padded).backward(g)
     assert torch.equal(xx.grad, g[dest])
+
+
+def test_recompute_attention_is_a_config_switch():
+    from moeforge.model.attention import MLA
+    from moeforge.train.pretrain import build_model
+
+    def attn_saved_bytes(flag: bool) -> int:
+        cfg = load_config("tiny", {"model.n_layers": 1, "model.mtp_depth": 0, "train.recompute_attention": flag})
+        model = build_model(cfg, torch.device("cpu"))
+        mla = next(m for m in model.modules() if isinstance(m, MLA))
+        assert mla.recompute_up_proj is flag
+        x = torch.randn(2, 32, cfg.model.dim).bfloat16()
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: total.append(0 if isinstance(t, torch.nn.Parameter) else t.numel() * t.element_size()) or t,
+                lambda t: t):
+            mla(x)
+        return sum(total)
+
+    assert attn_saved_bytes(True) < 0.5 * attn_saved_bytes(False)
