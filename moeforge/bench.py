@@ -63,7 +63,9 @@ def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]
     thread count that reached it. Why not just N: on some hosts of this project the two
     vCPUs were hyperthreads sharing one AMX unit, and a bf16 GEMM ran ~1.3x *faster* on
     one thread (~945 vs ~720 GFLOP/s), so the N-thread figure would flatter utilisation.
-    On two real cores (session 4's host) two threads reach ~1.7-2.0 TFLOP/s."""
+    The host is shared and erratic: session 4 measured 777-1992 GFLOP/s at two threads and
+    865 at one within a day, so MFU figures carry that uncertainty; ratios measured side by
+    side do not."""
     n = torch.get_num_threads()
     best = (0.0, n)
     try:
