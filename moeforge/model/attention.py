@@ -110,8 +110,8 @@ class MLA(nn.Module):
 
     def _recompute_ok(self, *ts: torch.Tensor) -> bool:
         """Training on CPU with plain tensors, not under torch.compile: rebuild q, k, v in backward."""
-        return (self.recompute_up_proj and torch.is_grad_enabled() and ts[0].device.type == "cpu" and not torch.compiler.is_compiling()
-                and recompute.is_plain(*ts, *self.parameters()))
+        return (self.recompute_up_proj and torch.is_grad_enabled() and ts[0].device.type == "cpu"
+                and not torch.compiler.is_compiling() and recompute.is_plain(*ts, *self.parameters()))
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
