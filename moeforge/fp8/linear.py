@@ -12,17 +12,20 @@ Both are autograd Functions whose three GEMMs run on blockwise-scaled E4M3 opera
 
 Choices:
 
-- Saved for backward: x in FP8 with its 1x128 scales and W in FP8 with its 128x128 scales,
-  never a bf16 or fp32 copy. GEMMs reading the same activation tensor (wq_a/wkv_a, w1/w3)
-  share one quantization of it and so save one copy. Master weights stay whatever the parameter is (FP32); dW is
-  returned in the weight's dtype, dx in the input's.
+- Saved for backward: x in FP8 with its 1x128 scales, never a bf16 or fp32 copy. GEMMs
+  reading the same activation tensor (wq_a/wkv_a, w1/w3) share one quantization of it and
+  so save one copy. Dense layers keep W's FP8 copy with its 128x128 scales; the grouped
+  experts keep only the master weight and quantize it again in backward (the same bits,
+  one pass, instead of holding every expert's FP8 copy through the step). Master weights
+  stay whatever the parameter is (FP32); dW is returned in the weight's dtype, dx in the
+  input's.
 - Scales are online (current tensor), as published: no amax history.
 - CPU cost: the quantizers are C kernels (``cpu_kernels.py``) that write the E4M3 copy
   and, in the same pass, the dequantized bf16 GEMM operand (``Fp8Tensor.dq``), so a GEMM
   operand costs one pass over the tensor instead of eight; the torch path remains as the
   fallback and the reference. dy is quantized 1x128 and 128x1; the Wgrad re-tiling
-  dequantizes the saved FP8 x and quantizes it again (``Fp8Ops.retile``). W is quantized
-  once per forward; backward reuses that FP8 copy (its 128x128 scales serve W.T as they are).
+  dequantizes the saved FP8 x and quantizes it again (``Fp8Ops.retile``). W's 128x128
+  blocks serve W.T as they are, so Dgrad uses Fprop's quantization of W.
 - The backend is picked per call from the tensor's device: Triton kernels on CUDA when
   ``backend`` is auto or triton, the CPU emulation (dequantize + bf16/fp32 GEMM) otherwise.
 - Grouped experts: tokens arrive sorted by expert with per-expert ``counts``. Experts with
@@ -231,15 +234,18 @@ class _Fp8GroupedFn(torch.autograd.Function):
         w_used = w if len(used) == w.shape[0] else w.index_select(0, idx)
         xq, wq = _quantize_input(ops, x, x), ops.quantize(w_used, "block")
         y = ops.grouped_gemm(xq, wq, n_used, x.dtype)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, idx)
+        # the weight is quantized again in backward (deterministic: the same E4M3 copy)
+        # rather than kept: all experts' FP8 weights were ~100 MB of the small preset's activations
+        ctx.save_for_backward(xq.data, xq.scale, w, idx)
         ctx.ops, ctx.n_used, ctx.w_shape, ctx.w_dtype = ops, n_used, w.shape, w.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         ops, b, n_used = ctx.ops, ctx.ops.block, ctx.n_used
-        xd, xs, wd, ws, idx = ctx.saved_tensors
-        xq, wq = Fp8Tensor(xd, xs, (1, b)), Fp8Tensor(wd, ws, (b, b))
+        xd, xs, w, idx = ctx.saved_tensors
+        w_used = w if len(n_used) == w.shape[0] else w.index_select(0, idx)
+        xq, wq = Fp8Tensor(xd, xs, (1, b)), ops.quantize(w_used, "block")
         padded = [-(-c // b) * b for c in n_used]
         need_x, need_w = ctx.needs_input_grad[:2]
         dy_p = _pad_segments(dy, n_used, padded) if need_w else dy
