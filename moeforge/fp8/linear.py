@@ -231,8 +231,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
         used = [e for e, c in enumerate(counts) if c > 0]
         n_used = [counts[e] for e in used]
         idx = torch.tensor(used, dtype=torch.long, device=w.device)
-        w_used = w if len(used) == w.shape[0] else w.index_select(0, idx)
-        xq, wq = _quantize_input(ops, x, x), ops.quantize(w_used, "block")
+        xq, wq = _quantize_input(ops, x, x), _quantize_used(ops, w, idx)
         y = ops.grouped_gemm(xq, wq, n_used, x.dtype)
         # the weight is quantized again in backward (deterministic: the same E4M3 copy)
         # rather than kept: all experts' FP8 weights were ~100 MB of the small preset's activations
@@ -244,15 +243,14 @@ class _Fp8GroupedFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         ops, b, n_used = ctx.ops, ctx.ops.block, ctx.n_used
         xd, xs, w, idx = ctx.saved_tensors
-        w_used = w if len(n_used) == w.shape[0] else w.index_select(0, idx)
-        xq, wq = Fp8Tensor(xd, xs, (1, b)), ops.quantize(w_used, "block")
+        xq = Fp8Tensor(xd, xs, (1, b))
         padded = [-(-c // b) * b for c in n_used]
         need_x, need_w = ctx.needs_input_grad[:2]
         dy_p = _pad_segments(dy, n_used, padded) if need_w else dy
         dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_x, need_w)
         dx = dw = None
-        if need_x:
-            dx = ops.grouped_gemm(dy_row, wq.t(), n_used, dy.dtype)
+        if need_x:  # only Dgrad reads W: quantized again only then
+            dx = ops.grouped_gemm(dy_row, _quantize_used(ops, w, idx).t(), n_used, dy.dtype)
         if need_w:
             x_col = ops.retile(xq, "col", lambda x: _pad_segments(x, n_used, padded))
             dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, ctx.w_dtype, k_grouped=True)
@@ -261,6 +259,11 @@ class _Fp8GroupedFn(torch.autograd.Function):
             else:
                 dw = dw_used.new_zeros(ctx.w_shape).index_copy_(0, idx, dw_used)
         return dx, dw, None, None
+
+
+def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor:
+    """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens."""
+    return ops.quantize(w if len(idx) == w.shape[0] else w.index_select(0, idx), "block")
 
 
 def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
