@@ -9,7 +9,7 @@ from torch import nn
 
 from moeforge import fp8
 from moeforge.config import ModelConfig
-from moeforge.fp8 import Fp8Config, Fp8GroupedLinear, Fp8Linear, calc_diff, quantize
+from moeforge.fp8 import Fp8Config, Fp8GroupedGemm, Fp8GroupedLinear, Fp8Linear, calc_diff, quantize
 from moeforge.fp8.linear import Fp8Ops
 from moeforge.model.transformer import Transformer
 
@@ -146,7 +146,7 @@ def test_convert_swaps_exactly_the_fp8_modules(attn):
     assert any(n.startswith("layers.0.ffn.w") for n in fp8_names)  # the dense MLP
     assert isinstance(model.embed, nn.Embedding)
     for m in model.moe_layers():
-        assert isinstance(m.experts.grouped_linear, Fp8GroupedLinear)
+        assert isinstance(m.experts.gemm, Fp8GroupedGemm)
         assert type(m.gate).__name__ == "Gate"
     # the same Parameter objects, same names: optimizers and checkpoints do not notice
     after = dict(model.named_parameters())

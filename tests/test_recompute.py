@@ -87,7 +87,10 @@ def _step_grads(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Ten
 
 def test_model_gradients_unchanged_by_recompute(monkeypatch):
     """The whole tiny model in bf16: every parameter gradient is bit-identical with and
-    without recomputation, and the recomputing model saves far fewer bytes."""
+    without recomputation (the routed experts' fused FFN aside: it reorders a product, so
+    it is compared within bf16 rounding), and the recomputing model saves far fewer bytes."""
+    from moeforge.model.moe import GroupedExperts
+
     cfg = load_config("tiny", {"model.n_layers": 2}).model
     torch.manual_seed(0)
     model = Transformer(cfg).set_compute_dtype(torch.bfloat16)
@@ -102,11 +105,15 @@ def test_model_gradients_unchanged_by_recompute(monkeypatch):
         return sum(total)
 
     lean, lean_bytes = _step_grads(model, tokens), saved_bytes()
+    monkeypatch.setattr(GroupedExperts, "fused_ffn", False)
+    unfused = _step_grads(model, tokens)
     monkeypatch.setattr(recompute, "is_plain", lambda *ts: False)  # force the plain autograd graph
     plain, plain_bytes = _step_grads(model, tokens), saved_bytes()
-    assert lean.keys() == plain.keys()
-    assert all(torch.equal(lean[k], plain[k]) for k in lean), [k for k in lean if not torch.equal(lean[k], plain[k])]
-    assert lean_bytes < 0.75 * plain_bytes, (lean_bytes, plain_bytes)
+    assert lean.keys() == plain.keys() == unfused.keys()
+    assert all(torch.equal(unfused[k], plain[k]) for k in plain), [k for k in plain if not torch.equal(unfused[k], plain[k])]
+    for k in plain:  # the fused expert FFN: the same gradients up to bf16 rounding
+        assert (lean[k].float() - plain[k].float()).norm() <= 0.02 * plain[k].float().norm() + 1e-6, k
+    assert lean_bytes < 0.6 * plain_bytes, (lean_bytes, plain_bytes)
 
 
 def test_router_linear_and_combine_bit_identical():
@@ -171,9 +178,11 @@ def test_grouped_linear_gradient_in_weight_layout(monkeypatch):
 
 
 def test_expert_row_padding_round_trip():
-    """Padding each expert's rows to its bucket and back is exact both ways, and the
-    gradient of the padding is the un-padding (and vice versa)."""
-    from moeforge.model.moe import _RepadFn, padded_rows, repad_rows
+    """Padding each expert's rows to its bucket and back is exact both ways, for plain
+    tensors and for FP8 operands (E4M3 rows, their scales and dequantized copy alike)."""
+    from moeforge.fp8 import Fp8Config, Fp8GroupedGemm, quantize
+    from moeforge.model.expert_ffn import repad_rows
+    from moeforge.model.moe import padded_rows
 
     counts, padded = [3, 0, 5, 2], [4, 0, 8, 2]
     x = torch.randn(10, 6)
@@ -181,10 +190,11 @@ def test_expert_row_padding_round_trip():
     ref = torch.zeros(14, 6).index_copy_(0, dest, x)  # an independent construction
     assert torch.equal(repad_rows(x, counts, padded), ref)
     assert torch.equal(repad_rows(ref, padded, counts), x)
-    xx = x.clone().requires_grad_()
-    g = torch.randn(14, 6)
-    _RepadFn.apply(xx, counts, padded).backward(g)
-    assert torch.equal(xx.grad, g[dest])
+    q = quantize(torch.randn(10, 256), (1, 128), dq_dtype=torch.bfloat16)
+    qp = Fp8GroupedGemm(Fp8Config(enabled=True)).repad(q, counts, padded)
+    assert torch.equal(qp.dequantize(), torch.zeros(14, 256).index_copy_(0, dest, q.dequantize()))
+    if q.dq is not None:
+        assert torch.equal(qp.dq, torch.zeros(14, 256).bfloat16().index_copy_(0, dest, q.dq))
 
 
 def test_recompute_attention_is_a_config_switch():

@@ -5,7 +5,7 @@ rule reads in one place (DeepSeek-V3 TR section 3.3.1):
 
 - FP8: every ``nn.Linear`` directly inside attention (``MLA``, ``MHA``) and SwiGLU ``MLP``
   modules (dense layers and shared experts), and the routed experts' grouped GEMMs
-  (``GroupedExperts.grouped_linear`` is swapped for :class:`Fp8GroupedLinear`). That
+  (``GroupedExperts.gemm`` is swapped for :class:`Fp8GroupedGemm`). That
   includes the attention and MLP inside MTP blocks.
 - Left in high precision: the embedding, the output head (``model.head``), the router
   (``Gate``), norms, the MTP projection (``MTPModule.proj``) and the attention-score math,
@@ -25,11 +25,11 @@ from torch import nn
 
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.gemm import blockwise_gemm, blockwise_gemm_reference, calc_diff, simulate_accumulation
-from moeforge.fp8.linear import Fp8GroupedLinear, Fp8Linear, Fp8Ops
+from moeforge.fp8.linear import Fp8GroupedGemm, Fp8GroupedLinear, Fp8Linear, Fp8Ops
 from moeforge.fp8.quant import Fp8Tensor, dequantize, fake_quantize, quantize
 
 __all__ = [
-    "Fp8Config", "Fp8GroupedLinear", "Fp8Linear", "Fp8Ops", "Fp8Tensor", "blockwise_gemm",
+    "Fp8Config", "Fp8GroupedGemm", "Fp8GroupedLinear", "Fp8Linear", "Fp8Ops", "Fp8Tensor", "blockwise_gemm",
     "blockwise_gemm_reference", "calc_diff", "convert", "dequantize", "fake_quantize", "quantize",
     "simulate_accumulation",
 ]
@@ -59,7 +59,7 @@ def convert(model: nn.Module, cfg: Fp8Config) -> nn.Module:
                 if isinstance(child, nn.Linear) and not isinstance(child, Fp8Linear):
                     setattr(module, name, Fp8Linear.from_linear(child, cfg))
         elif isinstance(module, GroupedExperts):
-            module.grouped_linear = Fp8GroupedLinear(cfg)
+            module.gemm = Fp8GroupedGemm(cfg)
         if hasattr(module, "swiglu_fp8") and cfg.cache_swiglu:  # dense MLPs, shared and routed experts
             module.swiglu_fp8 = cfg
     return model

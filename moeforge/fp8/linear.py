@@ -1,6 +1,8 @@
-"""FP8 training GEMMs: ``Fp8Linear`` and the FP8 grouped-expert GEMM.
+"""FP8 training GEMMs: ``Fp8Linear`` and the FP8 grouped-expert GEMM ops.
 
-Both are autograd Functions whose three GEMMs run on blockwise-scaled E4M3 operands
+``Fp8Linear`` (an autograd Function) and :class:`Fp8GroupedGemm` (the GEMM ops the
+routed experts' fused FFN in ``moeforge.model.expert_ffn`` runs on) compute all three
+GEMMs on blockwise-scaled E4M3 operands
 (DeepSeek-V3 TR section 3.3), written as ``C = A @ B.T`` with both operands tiled along K:
 
 - Fprop  ``y  = x @ W.T``   x per 1x128 tile (along in), W per 128x128 block;
@@ -28,10 +30,8 @@ Choices:
   blocks serve W.T as they are, so Dgrad uses Fprop's quantization of W.
 - The backend is picked per call from the tensor's device: Triton kernels on CUDA when
   ``backend`` is auto or triton, the CPU emulation (dequantize + bf16/fp32 GEMM) otherwise.
-- Grouped experts: tokens arrive sorted by expert with per-expert ``counts``. Experts with
-  no tokens are dropped before any work (their weight is not even quantized) and get a
-  zero gradient. For Wgrad each expert's segment is zero-padded to a multiple of 128
-  tokens so no 128x1 tile straddles two experts; then one K-grouped GEMM gives all dW.
+- Grouped experts: tokens arrive sorted by expert with per-expert ``counts``; see
+  :class:`Fp8GroupedGemm` for empty experts and the Wgrad's per-expert 128-token tiles.
 """
 
 from __future__ import annotations
@@ -225,40 +225,92 @@ class Fp8Linear(nn.Linear):
 
 
 # ----------------------------------------------------------------------------- grouped experts
-class _Fp8GroupedFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int], ops: Fp8Ops) -> torch.Tensor:
-        used = [e for e, c in enumerate(counts) if c > 0]
-        n_used = [counts[e] for e in used]
-        idx = torch.tensor(used, dtype=torch.long, device=w.device)
-        xq, wq = _quantize_input(ops, x, x), _quantize_used(ops, w, idx)
-        y = ops.grouped_gemm(xq, wq, n_used, x.dtype)
-        # the weight is quantized again in backward (deterministic: the same E4M3 copy)
-        # rather than kept: all experts' FP8 weights were ~100 MB of the small preset's activations
-        ctx.save_for_backward(xq.data, xq.scale, w, idx)
-        ctx.ops, ctx.n_used, ctx.w_shape, ctx.w_dtype = ops, n_used, w.shape, w.dtype
-        return y
+class Fp8GroupedGemm:
+    """The routed experts' GEMM ops (the contract is in ``moeforge.model.expert_ffn``) with
+    all three GEMMs in blockwise FP8: ``GroupedExperts.gemm`` after ``fp8.convert``.
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        ops, b, n_used = ctx.ops, ctx.ops.block, ctx.n_used
-        xd, xs, w, idx = ctx.saved_tensors
-        xq = Fp8Tensor(xd, xs, (1, b))
-        padded = [-(-c // b) * b for c in n_used]
-        need_x, need_w = ctx.needs_input_grad[:2]
-        dy_p = _pad_segments(dy, n_used, padded) if need_w else dy
-        dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_x, need_w)
+    - Operands: x 1x128 (E4M3 saved, its dequantized copy only feeds the forward GEMM);
+      the SwiGLU inputs kept in E4M3 1x128 when ``cache_swiglu`` (V3 TR 3.3.2), else as
+      they are; weights 128x128 blocks, quantized on each use from the master (the same
+      bits every time) rather than an FP8 copy held through the step.
+    - Experts with no tokens are dropped before any work (their weight is not even
+      quantized) and get a zero gradient.
+    - Wgrad: each expert's segment is zero-padded to a multiple of 128 tokens so no 128x1
+      tile straddles two experts; then one K-grouped GEMM gives all dW. A saved FP8 x is
+      dequantized and re-tiled (V3); a recomputed bf16 operand (the SwiGLU output) is
+      quantized 128x1 directly.
+    """
+
+    def __init__(self, cfg: Fp8Config):
+        self.cfg = cfg
+        self.block = (1, cfg.block_size)
+
+    def _ops(self, t: torch.Tensor) -> Fp8Ops:
+        return Fp8Ops.for_device(self.cfg, t.device)
+
+    def input(self, x: torch.Tensor) -> Fp8Tensor:
+        return _quantize_input(self._ops(x), x, x)
+
+    def keep(self, t: torch.Tensor) -> Fp8Tensor | torch.Tensor:
+        if not self.cfg.cache_swiglu:
+            return t
+        return quantize(t, self.block, eps=self.cfg.eps, power_of_2=self.cfg.power_of_2_scales)
+
+    def value(self, kept: Fp8Tensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return kept.dequantize(dtype) if isinstance(kept, Fp8Tensor) else kept
+
+    def pack(self, op: Fp8Tensor | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (op.data, op.scale) if isinstance(op, Fp8Tensor) else (op,)
+
+    def unpack(self, saved: tuple[torch.Tensor, ...]) -> Fp8Tensor | torch.Tensor:
+        return Fp8Tensor(saved[0], saved[1], self.block) if len(saved) == 2 else saved[0]
+
+    def repad(self, op, counts: list[int], padded: list[int]):
+        if counts == padded:
+            return op
+        if not isinstance(op, Fp8Tensor):
+            return _repad(op, counts, padded)
+        assert op.block[0] == 1, "only 1xB-tiled operands have one scale row per row"
+        return Fp8Tensor(_repad(op.data, counts, padded), _repad(op.scale, counts, padded), op.block,
+                         None if op.dq is None else _repad(op.dq, counts, padded))
+
+    def forward(self, xq: Fp8Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        ops = self._ops(w)
+        n_used, idx = _used(counts, w.device)
+        return ops.grouped_gemm(xq, _quantize_used(ops, w, idx), n_used, dtype)
+
+    def wgrad_input(self, x: Fp8Tensor | torch.Tensor, counts: list[int]) -> Fp8Tensor:
+        n_used, _ = _used(counts, x.data.device if isinstance(x, Fp8Tensor) else x.device)
+        padded = _aligned(n_used, self.cfg.block_size)
+        pad = lambda t: _pad_segments(t, n_used, padded)  # noqa: E731
+        if isinstance(x, Fp8Tensor):
+            return self._ops(x.data).retile(x, "col", pad)
+        return self._ops(x).quantize(pad(x), "col")
+
+    def grads(self, dy: torch.Tensor, x_col: Fp8Tensor | None, w: torch.Tensor, counts: list[int],
+              need_dx: bool, need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ops = self._ops(dy)
+        n_used, idx = _used(counts, w.device)
+        padded = _aligned(n_used, ops.block)
+        dy_p = _pad_segments(dy, n_used, padded) if need_dw else dy
+        dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_dx, need_dw)
         dx = dw = None
-        if need_x:  # only Dgrad reads W: quantized again only then
+        if need_dx:  # only Dgrad reads W
             dx = ops.grouped_gemm(dy_row, _quantize_used(ops, w, idx).t(), n_used, dy.dtype)
-        if need_w:
-            x_col = ops.retile(xq, "col", lambda x: _pad_segments(x, n_used, padded))
-            dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, ctx.w_dtype, k_grouped=True)
-            if len(n_used) == ctx.w_shape[0]:
-                dw = dw_used
-            else:
-                dw = dw_used.new_zeros(ctx.w_shape).index_copy_(0, idx, dw_used)
-        return dx, dw, None, None
+        if need_dw:
+            dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, w.dtype, k_grouped=True)
+            dw = dw_used if len(n_used) == w.shape[0] else dw_used.new_zeros(w.shape).index_copy_(0, idx, dw_used)
+        return dx, dw
+
+
+def _used(counts: list[int], device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """Row counts of the experts that received rows, and those experts' indices."""
+    used = [e for e, c in enumerate(counts) if c > 0]
+    return [counts[e] for e in used], torch.tensor(used, dtype=torch.long, device=device)
+
+
+def _aligned(counts: list[int], b: int) -> list[int]:
+    return [-(-c // b) * b for c in counts]
 
 
 def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor:
@@ -266,13 +318,15 @@ def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor
     return ops.quantize(w if len(idx) == w.shape[0] else w.index_select(0, idx), "block")
 
 
-def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-    """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
-    if counts == padded:
-        return x
-    from moeforge.model.moe import repad_rows  # not at module level: config -> fp8 -> model -> config
+def _repad(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    from moeforge.model.expert_ffn import repad_rows  # not at module level: config -> fp8 -> model -> config
 
     return repad_rows(x, counts, padded)
+
+
+def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
+    return x if counts == padded else _repad(x, counts, padded)
 
 
 class Fp8GroupedLinear:
@@ -281,11 +335,12 @@ class Fp8GroupedLinear:
 
     def __init__(self, cfg: Fp8Config):
         self.cfg = cfg
+        self.gemm = Fp8GroupedGemm(cfg)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        if x.shape[0] == 0:
-            return x.new_zeros(0, w.shape[1])
-        return _Fp8GroupedFn.apply(x, w, list(counts), Fp8Ops.for_device(self.cfg, x.device))
+        from moeforge.model.expert_ffn import grouped_linear_fn
+
+        return grouped_linear_fn(x, w, counts, self.gemm)
 
     def __repr__(self) -> str:
         return f"Fp8GroupedLinear(block={self.cfg.block_size})"

@@ -17,10 +17,12 @@ Choices (DeepSeek-V3, TR §2.1.2 and the reference ``Gate``):
   expert's contiguous slice goes through one GEMM (``torch._grouped_mm``: one call for all
   experts, empty experts do no work), and results are scattered back with index_add
   (through ``recompute.scatter_add_rows``, which does not keep the rows for backward).
+  The routing weights travel with the rows and are applied inside the experts' FFN
+  (``expert_ffn.py``), whose backward gets their gradient without keeping output rows.
   :class:`LocalDispatcher` is its own component so expert parallelism can swap in an
   all-to-all one.
-- ``GroupedExperts.grouped_linear`` is an instance attribute so FP8 conversion can
-  replace the expert GEMM without this file knowing about FP8.
+- ``GroupedExperts.gemm`` (the experts' GEMM ops) is an instance attribute so FP8
+  conversion can replace the expert GEMMs without this file knowing about FP8.
 - Each forward records ``last_counts`` (tokens per expert, detached) and ``last_aux_loss``
   for the model to collect: no hidden global state, and re-running a forward (activation
   checkpointing) just overwrites them with the same values.
@@ -34,6 +36,7 @@ from torch import nn
 
 from moeforge.config import ModelConfig
 from moeforge.model import recompute
+from moeforge.model.expert_ffn import GroupedGemm, expert_ffn, grouped_linear_fn
 from moeforge.model.layers import MLP, silu_mul
 
 
@@ -93,52 +96,30 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, n
     return (f * p).sum(dim=-1).mean()
 
 
-class _GroupedLinearFn(torch.autograd.Function):
-    """The expert GEMM with its own backward. Autograd's ``_grouped_mm`` backward computes
-    the weight gradient as ``x^T dy`` per expert, i.e. for ``W^T``, which reaches the FP32
-    master as a transposed view; here dW = ``dy^T x`` comes out in W's own layout, so
-    its cast to FP32 is a plain contiguous copy. The bf16 weight copy is made again in
-    backward rather than kept (~2 ms per expert stack). Bit-identical results (tested). (The
-    profiler blamed those casts for ~0.3 s per small step; timed directly they are ~2 ms
-    each, ~50 ms per step, so this is hygiene more than speed.)"""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        wc = w.to(x.dtype)
-        # the master weight is kept anyway: save it, not its compute-dtype copy (all
-        # experts' bf16 weights were ~190 MB of the small preset's 670 MB of activations)
-        ctx.save_for_backward(x, w, offs)
-        ctx.w_dtype = w.dtype
-        return torch._grouped_mm(x, wc.transpose(-2, -1), offs=offs)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
-        dx = torch._grouped_mm(dy, w.to(x.dtype), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:  # K-grouped over tokens: [out, T] x [T, in] -> [E, out, in]
-            dw = torch._grouped_mm(dy.t(), x, offs=offs).to(ctx.w_dtype)
-        return dx, dw, None
-
-
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [T, in] sorted by expert, w [E, out, in], counts tokens per expert -> [T, out].
 
     One ``torch._grouped_mm`` call for all experts; experts with no tokens cost nothing.
     """
+    if recompute.is_plain(x, w) and not torch.compiler.is_compiling():
+        return grouped_linear_fn(x, w, counts, GroupedGemm())
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[1])
     offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    if recompute.is_plain(x, w):
-        return _GroupedLinearFn.apply(x, w, offs)
-    w = w.to(x.dtype)
-    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=offs)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights in nn.Linear layout [E, out, in].
 
-    On CPU every expert's rows are zero-padded to a multiple of ``row_bucket`` before the
+    ``forward(x, counts, gate)`` returns each row's expert output times its routing weight
+    ``gate`` (applied here, not in the combine, so its gradient needs no saved output
+    rows: see ``expert_ffn.py``). Plain tensors go through :func:`expert_ffn.expert_ffn`,
+    one lean Function whose GEMMs run on ``self.gemm`` (:class:`GroupedGemm`; FP8
+    conversion swaps in its own, so this file knows nothing of FP8); DTensors and
+    torch.compile take the ordinary autograd graph of the same math.
+
+    On CPU every expert's rows are zero-padded to a multiple of ``row_bucket`` for the
     GEMMs. oneDNN (bf16 ``mm``) JIT-compiles a kernel per GEMM shape and caches it; expert
     row counts change every step, so unpadded shapes almost never hit that cache and the
     backward GEMMs ran ~10x slower in the model than the same GEMMs repeated alone
@@ -150,59 +131,51 @@ class GroupedExperts(nn.Module):
     """
 
     row_bucket = 128
+    fused_ffn = True  # False: the ordinary graph for plain tensors too (the reference in tests, A/B)
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up
-        self.grouped_linear = grouped_linear
+        self.gemm = GroupedGemm()
         self.swiglu_fp8 = None  # an Fp8Config: cache the SwiGLU inputs in FP8 (set by fp8.convert)
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def padded_counts(self, counts: list[int], device: torch.device) -> list[int]:
+        """Rows per expert the GEMMs run on (see the class doc; unpadded off CPU)."""
+        if device.type != "cpu":
+            return list(counts)
         bucket = self.row_bucket
         while bucket > 16 and bucket > sum(counts) / (2 * len(counts)):  # few tokens per expert: finer buckets
             bucket //= 2
-        padded = [-(-c // bucket) * bucket for c in counts]
-        if x.device.type != "cpu" or padded == counts:
-            return self._swiglu(x, counts)
-        # CPU: each expert's rows padded with zeros to a multiple of row_bucket (see class doc)
-        if not recompute.is_plain(x):
+        return [-(-c // bucket) * bucket for c in counts]
+
+    def forward(self, x: torch.Tensor, counts: list[int], gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, dim] sorted by expert, ``counts`` rows per expert, ``gate`` [T] routing
+        weights (None: all 1) -> [T, dim]."""
+        counts = list(counts)
+        if gate is None:
+            gate = x.new_ones(x.shape[0], dtype=torch.float32)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.w2.shape[1])
+        padded = self.padded_counts(counts, x.device)
+        lean = self.fused_ffn and not torch.compiler.is_compiling()
+        if lean and recompute.is_plain(x, gate, self.w1, self.w2, self.w3):
+            return expert_ffn(x, gate, self.w1, self.w2, self.w3, counts, padded, self.gemm)
+        # the ordinary graph: rows padded by index (differentiable for DTensors), plain GEMMs
+        if padded != counts:
             dest = padded_rows(counts, padded, x.device)
-            xp = x.new_zeros(sum(padded), x.shape[1]).index_put((dest,), x)  # index_copy would also save x
-            return self._swiglu(xp, padded).index_select(0, dest)
-        return _RepadFn.apply(self._swiglu(_RepadFn.apply(x, counts, padded), padded), padded, counts)
+            x = x.new_zeros(sum(padded), x.shape[1]).index_put((dest,), x)
+        h = silu_mul(self._linear(x, self.w1, padded), self._linear(x, self.w3, padded), self.swiglu_fp8)
+        y = self._linear(h, self.w2, padded)
+        if padded != counts:
+            y = y.index_select(0, dest)
+        return y * gate.to(y.dtype).unsqueeze(-1)
 
-    def _swiglu(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        h = silu_mul(self.grouped_linear(x, self.w1, counts), self.grouped_linear(x, self.w3, counts), self.swiglu_fp8)
-        return self.grouped_linear(h, self.w2, counts)
-
-
-def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-    """Rows grouped in blocks of ``counts[i]`` -> blocks of ``padded[i]`` rows: each block
-    keeps its first min(c, p) rows and is zero-filled to p. One ``cat`` of slices, i.e.
-    memcpy speed (``index_put`` / ``index_select`` by row index ran ~5x slower)."""
-    extra = max([p - c for c, p in zip(counts, padded)] + [0])
-    zeros = x.new_zeros(extra, x.shape[1]) if extra else None
-    parts = []
-    for piece, c, p in zip(x.split(counts), counts, padded):
-        parts.append(piece[:p])
-        if p > c:
-            parts.append(zeros[: p - c])
-    return torch.cat(parts) if parts else x.new_zeros(0, x.shape[1])
-
-
-class _RepadFn(torch.autograd.Function):
-    """:func:`repad_rows` whose backward is the opposite re-padding; saves nothing."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-        ctx.counts, ctx.padded = counts, padded
-        return repad_rows(x, counts, padded)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return repad_rows(g, ctx.padded, ctx.counts), None, None
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if isinstance(self.gemm, GroupedGemm):
+            return grouped_linear(x, w, counts)
+        return grouped_linear_fn(x, w, counts, self.gemm)
 
 
 def padded_rows(counts: list[int], padded: list[int], device: torch.device) -> torch.Tensor:
@@ -217,19 +190,20 @@ def padded_rows(counts: list[int], padded: list[int], device: torch.device) -> t
 class LocalDispatcher:
     """Sort (token, slot) pairs by expert and scatter results back; all experts are local."""
 
-    def dispatch(self, x: torch.Tensor, idx: torch.Tensor, n_experts: int):
+    def dispatch(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int):
+        """-> (rows [T*k, d], their routing weights [T*k], tokens per expert, ctx for combine)."""
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         token = order // idx.shape[1]
         counts = torch.bincount(flat, minlength=n_experts)
-        return x[token], counts, (order, token)
+        return x[token], weights.flatten()[order], counts, token
 
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
-        order, token = ctx
-        w = weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+    def combine(self, y: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
+        """Sum each token's (already weighted) expert rows."""
+        token = ctx
         if recompute.is_plain(y):
-            return recompute.scatter_add_rows(y * w, token, n_tokens)  # saves token only
-        return y.new_zeros(n_tokens, y.shape[-1]).index_add(0, token, y * w)
+            return recompute.scatter_add_rows(y, token, n_tokens)  # saves token only
+        return y.new_zeros(n_tokens, y.shape[-1]).index_add(0, token, y)
 
 
 class MoE(nn.Module):
@@ -250,9 +224,9 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         scores = self.gate.scores(flat)
         weights, idx = self.gate.route(scores)
-        xs, counts, ctx = self.dispatcher.dispatch(flat, idx, self.n_experts)
-        ys = self.experts(xs, counts.tolist())
-        y = self.dispatcher.combine(ys, weights, ctx, flat.shape[0])
+        xs, gate, counts, ctx = self.dispatcher.dispatch(flat, idx, weights, self.n_experts)
+        ys = self.experts(xs, counts.tolist(), gate)
+        y = self.dispatcher.combine(ys, ctx, flat.shape[0])
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_counts = counts.detach()

@@ -8,7 +8,8 @@ Choices:
   experts stay replicated: every rank routes its own tokens with the full gate.
 - Dispatch = local sort by expert (reusing :class:`LocalDispatcher`), an exchange of the
   per-expert counts (a tiny all-to-all, so every rank knows how many rows it receives),
-  then one *uneven* ``all_to_all_single`` of the token rows. Received rows arrive grouped
+  then one *uneven* ``all_to_all_single`` of the token rows (and one of their routing
+  weights, which the experts apply). Received rows arrive grouped
   by source rank; a stable permutation regroups them by local expert so the grouped
   GEMM sees each expert's tokens contiguous. Combine runs the same steps backwards.
 - Autograd goes through ``_functional_collectives.all_to_all_single_autograd`` (its
@@ -41,8 +42,8 @@ class AllToAllDispatcher:
         self.ep = ep_size
         self.local = LocalDispatcher()
 
-    def dispatch(self, x: torch.Tensor, idx: torch.Tensor, n_experts: int):
-        xs, counts, local_ctx = self.local.dispatch(x, idx, n_experts)  # rows sorted by global expert
+    def dispatch(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int):
+        xs, ws, counts, local_ctx = self.local.dispatch(x, idx, weights, n_experts)  # rows sorted by global expert
         e_local = n_experts // self.ep
         send = counts.view(self.ep, e_local).contiguous()  # [dest rank, its local expert]
         recv = torch.empty_like(send)  # [source rank, my local expert]
@@ -50,16 +51,18 @@ class AllToAllDispatcher:
         in_splits = send.sum(1).tolist()
         out_splits = recv.sum(1).tolist()
         xr = all_to_all_single_autograd(xs.contiguous(), out_splits, in_splits, self.group)
+        # the routing weights travel with their rows: the experts apply them (expert_ffn.py)
+        wr = all_to_all_single_autograd(ws.contiguous(), out_splits, in_splits, self.group)
         # rows arrive source-major; regroup them expert-major for the grouped GEMM
         expert_of_row = torch.arange(e_local, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
         perm = expert_of_row.argsort(stable=True)
-        return xr[perm], recv.sum(0), (local_ctx, perm, in_splits, out_splits)
+        return xr[perm], wr[perm], recv.sum(0), (local_ctx, perm, in_splits, out_splits)
 
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         local_ctx, perm, in_splits, out_splits = ctx
         back = y[perm.argsort()]  # expert-major -> source-major (a gather: differentiable)
         ys = all_to_all_single_autograd(back.contiguous(), in_splits, out_splits, self.group)
-        return self.local.combine(ys, weights, local_ctx, n_tokens)
+        return self.local.combine(ys, local_ctx, n_tokens)
 
 
 def local_expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:

@@ -1,0 +1,182 @@
+"""The routed experts' SwiGLU feed-forward, gate weight included, as one lean autograd Function.
+
+For rows sorted by expert (row i goes to expert e(i) with routing weight g_i)::
+
+    out_i = g_i * W2[e] (silu(W1[e] x_i) * W3[e] x_i)
+
+Choices:
+
+- One Function for the whole expert FFN so backward decides what is kept. It keeps the
+  expert input x and the two SwiGLU inputs a = W1 x, b = W3 x, unpadded, and nothing else
+  (plus the FP32 master weights, which live anyway). DeepSeek-V3 (TR section 3.3.2) caches
+  the SwiGLU inputs and recomputes its output h = silu(a) * b in backward; with FP8 those
+  inputs (and x) are E4M3 with 1x128 scales, so there h is recomputed from their
+  dequantized values, as published.
+- The routing weight is applied inside. Its gradient is dL/dg_i = <dout_i, y_i> with
+  y_i = W2 h_i, the expert's output row, which the MoE combine used to keep for it (8 MB
+  per layer on the small preset). <dout_i, W2 h_i> = <dout_i W2, h_i>, and dout W2 is the
+  down projection's Dgrad anyway (computed here from the unweighted dout; dh = g * that),
+  so the weight gradient costs one elementwise pass and no saved rows. Under FP8 that
+  product runs on the quantized operands, so the routing-weight gradient carries the
+  same FP8 error as every other Dgrad.
+- Rows are padded per expert (``GroupedExperts.row_bucket``) only for the GEMMs; what is
+  saved is unpadded, so padding costs memory only transiently.
+- The GEMMs go through an *ops* object so FP8 can swap them without this file knowing
+  about FP8: :class:`GroupedGemm` (the activations' dtype, ``torch._grouped_mm``) here,
+  ``moeforge.fp8.linear.Fp8GroupedGemm`` there. Its contract:
+
+  ========================== ===========================================================
+  ``input(x)``               x as a forward GEMM operand (FP8: E4M3 1x128 tiles)
+  ``keep(t)``                t as saved for backward when only its value is needed
+  ``value(kept, dtype)``     the tensor back from ``keep`` / ``input`` (dequantized)
+  ``pack(op)`` / ``unpack``  an operand as a tuple of tensors for ``save_for_backward``
+  ``repad(op, c, p)``        :func:`repad_rows` on an operand (a no-op when c == p)
+  ``forward(op, w, c, dtype)`` y = x @ w[e].T per expert group, in ``dtype``
+  ``wgrad_input(op, c)``     the operand as the weight-gradient GEMM reads it
+  ``grads(dy, xw, w, c, need_dx, need_dw)``   (dx, dw) of one grouped linear
+  ========================== ===========================================================
+
+- :func:`grouped_linear_fn` is one grouped linear with the same ops (benchmarks, tests and
+  the FP8 drop-in use it); dW comes out in W's own [E, out, in] layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """Rows grouped in blocks of ``counts[i]`` -> blocks of ``padded[i]`` rows: each block
+    keeps its first min(c, p) rows and is zero-filled to p. One ``cat`` of slices, i.e.
+    memcpy speed (``index_put`` / ``index_select`` by row index ran ~5x slower)."""
+    extra = max([p - c for c, p in zip(counts, padded)] + [0])
+    zeros = x.new_zeros(extra, *x.shape[1:]) if extra else None
+    parts = []
+    for piece, c, p in zip(x.split(counts), counts, padded):
+        parts.append(piece[:p])
+        if p > c:
+            parts.append(zeros[: p - c])
+    return torch.cat(parts) if parts else x.new_zeros(0, *x.shape[1:])
+
+
+def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
+
+
+class GroupedGemm:
+    """Grouped GEMMs in the activations' dtype (bf16 on the CPU's AMX units); the master
+    weight is cast on each use rather than a cast copy kept (~2 ms per expert stack)."""
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    keep = input
+
+    def value(self, kept: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return kept
+
+    def pack(self, op: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (op,)
+
+    def unpack(self, saved: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return saved[0]
+
+    def repad(self, op: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+        return op if counts == padded else repad_rows(op, counts, padded)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=_offsets(counts, x.device))
+
+    def wgrad_input(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return x
+
+    def grads(self, dy: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor, counts: list[int],
+              need_dx: bool, need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        offs = _offsets(counts, dy.device)
+        dx = torch._grouped_mm(dy, w.to(dy.dtype), offs=offs) if need_dx else None
+        # K-grouped over tokens: [out, T] x [T, in] -> [E, out, in], W's own layout
+        dw = torch._grouped_mm(dy.t(), x, offs=offs).to(w.dtype) if need_dw else None
+        return dx, dw
+
+
+class _GroupedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int], ops) -> torch.Tensor:
+        xo = ops.input(x)
+        ctx.n_x = len(ops.pack(xo))
+        ctx.save_for_backward(*ops.pack(xo), w)  # the master weight: cast / quantized again in backward
+        ctx.counts, ctx.ops = counts, ops
+        return ops.forward(xo, w, counts, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        ops, counts = ctx.ops, ctx.counts
+        *xs, w = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        xw = ops.wgrad_input(ops.unpack(tuple(xs)), counts) if need_dw else None
+        dx, dw = ops.grads(dy, xw, w, counts, need_dx, need_dw)
+        return dx, dw, None, None
+
+
+def grouped_linear_fn(x: torch.Tensor, w: torch.Tensor, counts: list[int], ops) -> torch.Tensor:
+    """x [T, in] sorted by expert, w [E, out, in], ``counts`` rows per expert -> [T, out]."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[1])
+    return _GroupedLinearFn.apply(x, w, list(counts), ops)
+
+
+class _ExpertFFNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, w1, w2, w3, counts, padded, ops):
+        xo = ops.input(x)
+        xp = ops.repad(xo, counts, padded)
+        a, b = ops.forward(xp, w1, padded, x.dtype), ops.forward(xp, w3, padded, x.dtype)
+        h = F.silu(a) * b
+        y = ops.repad(ops.forward(ops.input(h), w2, padded, x.dtype), padded, counts)
+        kept = [xo] + [ops.repad(ops.keep(t), padded, counts) for t in (a, b)]
+        packs = [ops.pack(k) for k in kept]
+        ctx.sizes = [len(p) for p in packs]
+        ctx.save_for_backward(*[t for p in packs for t in p], gate, w1, w2, w3)
+        ctx.counts, ctx.padded, ctx.ops, ctx.dtype = counts, padded, ops, a.dtype
+        return y * gate.to(y.dtype).unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        ops, counts, padded, dt = ctx.ops, ctx.counts, ctx.padded, ctx.dtype
+        saved = list(ctx.saved_tensors)
+        kept = []
+        for n in ctx.sizes:
+            kept.append(ops.unpack(tuple(saved[:n])))
+            saved = saved[n:]
+        gate, w1, w2, w3 = saved
+        need_x, need_gate, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:5]
+        xp = ops.repad(kept[0], counts, padded)
+        a, b = (ops.repad(ops.value(k, dt), counts, padded) for k in kept[1:])
+        silu_a = F.silu(a)
+        h = silu_a * b  # the SwiGLU output, recomputed (V3 TR 3.3.2)
+        dout_p = ops.repad(dout, counts, padded)
+        gate_p = ops.repad(gate.to(dout.dtype).unsqueeze(-1), counts, padded)  # padding rows weigh 0
+        g, _ = ops.grads(dout_p, None, w2, padded, True, False)  # dout W2, unweighted
+        d_gate = None
+        if need_gate:  # <dout, W2 h> = <dout W2, h>
+            d_gate = ops.repad((g.float() * h.float()).sum(-1), padded, counts).to(gate.dtype)
+        dw2 = None
+        if need_w2:
+            dw2 = ops.grads(dout_p * gate_p, ops.wgrad_input(h, padded), w2, padded, False, True)[1]
+        dh = g * gate_p
+        da = torch.ops.aten.silu_backward(dh * b, a)
+        db = dh * silu_a
+        xw = ops.wgrad_input(xp, padded) if (need_w1 or need_w3) else None
+        dxa, dw1 = ops.grads(da, xw, w1, padded, need_x, need_w1)
+        dxb, dw3 = ops.grads(db, xw, w3, padded, need_x, need_w3)
+        dx = ops.repad(dxa + dxb, padded, counts) if need_x else None
+        return dx, d_gate, dw1, dw2, dw3, None, None, None
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+               counts: list[int], padded: list[int], ops) -> torch.Tensor:
+    """Routed experts' SwiGLU FFN times the routing weights: x [T, dim] sorted by expert,
+    ``gate`` [T] the routing weights (FP32), ``counts`` rows per expert, ``padded`` the
+    row counts the GEMMs run on (each >= its count; extra rows are zeros); -> [T, dim]."""
+    return _ExpertFFNFn.apply(x, gate, w1, w2, w3, list(counts), list(padded), ops)
