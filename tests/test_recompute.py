@@ -129,6 +129,38 @@ def test_router_linear_and_combine_bit_identical():
     assert torch.equal(out_a, out_b) and torch.equal(g_a, g_b)
 
 
+def test_router_rebuilds_a_norm_output_instead_of_keeping_it():
+    """The router reading an RMSNorm's output (as a [T, d] view) keeps the norm's input,
+    which the norm keeps anyway, and rebuilds its own input in backward: the same bits,
+    and no tensor of the norm output's size and dtype is saved by the router."""
+    h = torch.randn(4, 75, 64).bfloat16()
+    nw, w = torch.randn(64) * 0.5 + 1, torch.randn(8, 64)
+
+    def router(h, nw, w):
+        y = recompute.rms_norm(h, nw, 1e-6)
+        return recompute.fp32_linear(y.view(-1, 64), w) + y.float().sum()  # y also used elsewhere
+
+    def plain(h, nw, w):
+        h32 = h.float()
+        y = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()).to(h.dtype)
+        return F.linear(y.view(-1, 64).float(), w.float()) + y.float().sum()
+
+    out_a, grads_a = _grads(router, h, nw, w)
+    out_b, grads_b = _grads(plain, h, nw, w)
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(p, q) for p, q in zip(grads_a, grads_b))
+    saved = []
+    hh = h.clone().requires_grad_()
+    y = recompute.rms_norm(hh, nw, 1e-6)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        recompute.fp32_linear(y.view(-1, 64), w)
+    assert not any(t.shape[-1] == 64 and t.dtype == torch.bfloat16 and t.numel() == y.numel()
+                   and t.data_ptr() == y.data_ptr() for t in saved)
+    assert any(t.data_ptr() == hh.data_ptr() for t in saved)  # the norm's input, shared
+    y.mul_(2)  # changed in place: the router must keep it, not rebuild the old value
+    assert recompute.norm_source(y) is None
+
+
 @pytest.mark.parametrize("over", [{}, {"model.q_lora_rank": 0}, {"model.v_head_dim": 48}],
                          ids=["mla", "mla-noqlora", "mla-equal-vdim"])
 def test_recomputed_attention_bit_identical(over, monkeypatch):

@@ -33,15 +33,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised x in x's dtype, rstd): the one forward every caller (and recompute) runs."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * rstd * weight.float()).to(x.dtype), rstd
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return (x32 * rstd * weight.float()).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -60,9 +67,30 @@ class _RMSNormFn(torch.autograd.Function):
         return dx.to(x.dtype), dw, None
 
 
+# Norm outputs a later consumer may rebuild instead of saving: output -> (its version, the
+# norm's input, weight, eps), held only while the output lives (the norm saves its input
+# anyway, so rebuilding from it keeps nothing new). Same pattern as FP8's shared input copy.
+_NORM_SOURCES = WeakIdKeyDictionary()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` computed in FP32, returned in x's dtype; saves x and rstd."""
-    return _RMSNormFn.apply(x, weight, eps)
+    y = _RMSNormFn.apply(x, weight, eps)
+    if y.requires_grad and not torch.compiler.is_compiling():
+        _NORM_SOURCES[y] = (y._version, x, weight, eps)
+    return y
+
+
+def norm_source(t: torch.Tensor):
+    """(input, weight, eps) of the :func:`rms_norm` whose output ``t`` is (or is a view
+    of), unchanged since; else None."""
+    if torch.compiler.is_compiling():
+        return None
+    for key in (t, t._base):
+        hit = _NORM_SOURCES.get(key) if key is not None else None
+        if hit is not None and hit[0] == key._version:
+            return hit[1:]
+    return None
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -103,24 +131,36 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- MoE router and combine
 class _Fp32LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, source) -> torch.Tensor:
+        if source is None:
+            ctx.save_for_backward(x, weight)
+        else:  # x is a norm's output: keep the norm's input (saved by the norm anyway) instead
+            ctx.save_for_backward(source[0], source[1], weight)
+            ctx.eps, ctx.x_shape = source[2], x.shape
+        ctx.rebuild = source is not None
         return F.linear(x.float(), weight.float())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        if ctx.rebuild:  # the norm again, bit for bit (the same ops on the same input)
+            nx, nw, weight = ctx.saved_tensors
+            x = _rms_forward(nx, nw, ctx.eps)[0].reshape(ctx.x_shape)
+        else:
+            x, weight = ctx.saved_tensors
         # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
         dx = g.mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = x.float().t().mm(g).t().to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        return dx, dw, None
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x.float(), weight.float())`` for 2-D x (the FP32 router) that saves x in
     its own dtype: upcasting bf16 is exact, so the FP32 copy autograd would keep (twice
-    the bytes) is rebuilt in backward instead. Bit-identical gradients."""
-    return _Fp32LinearFn.apply(x, weight)
+    the bytes) is rebuilt in backward instead. When x is an :func:`rms_norm` output (the
+    router reads ``ffn_norm``'s), not even x is kept: backward runs the norm again on its
+    saved input (V3 recomputes RMSNorm). Under FP8 nothing else keeps that bf16 x (the
+    expert GEMMs keep E4M3 copies), so this drops 2 MB per layer on small. Bit-identical."""
+    return _Fp32LinearFn.apply(x, weight, norm_source(x))
 
 
 class _ScatterRowsFn(torch.autograd.Function):
