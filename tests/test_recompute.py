@@ -161,6 +161,39 @@ def test_router_rebuilds_a_norm_output_instead_of_keeping_it():
     assert recompute.norm_source(y) is None
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_dense_linear_keeps_master_weight_and_rebuilds_norm_output(fp8):
+    """A dense layer (bf16 ``Linear`` or ``Fp8Linear``) after an RMSNorm: the same output
+    and gradients, bit for bit, as when its input is an ordinary tensor (a clone of the
+    norm output), while it keeps neither a copy of its weight nor its input (in bf16 or
+    E4M3): only the norm's input, which the norm keeps anyway."""
+    from moeforge.fp8 import Fp8Config, Fp8Linear
+    from moeforge.model.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(256, 384)
+    layer = Fp8Linear.from_linear(lin, Fp8Config(enabled=True)) if fp8 else lin
+    h = torch.randn(4, 150, 256).bfloat16()
+    nw = torch.rand(256) + 0.5
+
+    def run(fresh: bool):
+        hh, ww = h.clone().requires_grad_(), nw.clone().requires_grad_()
+        lin.zero_grad()
+        saved = []
+        y = recompute.rms_norm(hh, ww, 1e-6)
+        x = y.clone() if fresh else y
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
+        return [out, hh.grad, ww.grad, lin.weight.grad.clone()], saved, (hh, ww)
+
+    plain, _, _ = run(fresh=True)
+    lean, saved, norm_inputs = run(fresh=False)
+    assert all(torch.equal(p, q) for p, q in zip(plain, lean))
+    kept = [t for t in saved if not isinstance(t, torch.nn.Parameter)]
+    assert {t.data_ptr() for t in kept} == {t.data_ptr() for t in norm_inputs}, [(t.dtype, t.shape) for t in kept]
+
+
 @pytest.mark.parametrize("over", [{}, {"model.q_lora_rank": 0}, {"model.v_head_dim": 48}],
                          ids=["mla", "mla-noqlora", "mla-equal-vdim"])
 def test_recomputed_attention_bit_identical(over, monkeypatch):

@@ -46,6 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
+from moeforge.model import recompute
 
 
 @dataclass(frozen=True)
@@ -177,16 +178,22 @@ class _Fp8LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops: Fp8Ops) -> torch.Tensor:
         xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.quantize(weight, "block")
         y = ops.gemm(xq, wq, x.dtype)
-        # the master weight, not its FP8 copy: quantized again in backward (the same bits)
-        ctx.save_for_backward(xq.data, xq.scale, weight)
-        ctx.ops, ctx.x_shape, ctx.w_dtype = ops, x.shape, weight.dtype
+        # the master weight, not its FP8 copy: quantized again in backward (the same bits);
+        # a norm's output is not kept even in FP8: the norm's input (kept by the norm) is
+        source = None if torch.compiler.is_compiling() else recompute.norm_source(x)
+        ctx.save_for_backward(*((xq.data, xq.scale) if source is None else source[:2]), weight)
+        ctx.ops, ctx.x_shape, ctx.w_dtype, ctx.eps = ops, x.shape, weight.dtype, source and source[2]
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         ops = ctx.ops
-        xd, xs, weight = ctx.saved_tensors
-        xq = Fp8Tensor(xd, xs, (1, ops.block))
+        a, b, weight = ctx.saved_tensors
+        if ctx.eps is None:
+            xq = Fp8Tensor(a, b, (1, ops.block))
+        elif ctx.needs_input_grad[1]:  # the norm again, then the forward's quantization: the same bits
+            x = recompute.rms_forward(a, b, ctx.eps)[0]
+            xq = ops.quantize(x.reshape(-1, x.shape[-1]), "row")
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])
         dx = dw = None

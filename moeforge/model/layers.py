@@ -2,9 +2,11 @@
 
 Choices:
 - Master weights stay FP32; compute happens in the dtype of the activations. ``Linear``
-  therefore casts its weight to the input's dtype inside forward (the cast is
-  differentiable, so gradients land on the FP32 master in FP32). There is no autocast:
-  the model's ``compute_dtype`` decides what flows through it.
+  therefore casts its weight to the input's dtype inside forward; gradients land on the
+  FP32 master in FP32. On plain tensors that goes through ``recompute.linear``, which
+  keeps the master (not the cast copy) and rebuilds a norm output instead of keeping it,
+  bit-identical to ``F.linear`` on the cast weight. There is no autocast: the model's
+  ``compute_dtype`` decides what flows through it.
 - RMSNorm computes in FP32 and returns the input dtype. It and the SwiGLU product go
   through ``recompute.py``: they save their inputs only and recompute in backward, with
   bit-identical results (DTensors keep the plain graph).
@@ -36,6 +38,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and recompute.is_plain(x, self.weight) and not torch.compiler.is_compiling():
+            return recompute.linear(x, self.weight)  # keeps the master weight, not a bf16 copy
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), b)
 

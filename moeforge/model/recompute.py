@@ -19,6 +19,10 @@ Choices:
   kernel. With ``fp8`` set (``fp8.convert`` does when ``fp8.cache_swiglu``), a and b are
   saved as E4M3 with 1x128 scales instead, as V3 does; backward then runs on their
   dequantized values (a deliberate approximation, part of the FP8 recipe).
+- Norm outputs are rebuilt, not kept, by the consumers that know how: the router
+  (:func:`fp32_linear`), dense layers (:func:`linear`) and FP8 GEMMs look the output up
+  in a registry :func:`rms_norm` fills (:func:`norm_source`) and keep the norm's input,
+  which the norm keeps anyway; backward runs the norm again, bit for bit.
 - :func:`recomputed_attention` keeps the two latents the up-projections start from, the
   attention output (in the output projection's layout, so the bf16 model saves that
   tensor once for both) and the log-sum-exp; q, k, v are rebuilt in backward. About a
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 
-def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised x in x's dtype, rstd): the one forward every caller (and recompute) runs."""
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -46,7 +50,7 @@ def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[tor
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = _rms_forward(x, weight, eps)
+        y, rstd = rms_forward(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
         return y
 
@@ -144,7 +148,7 @@ class _Fp32LinearFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if ctx.rebuild:  # the norm again, bit for bit (the same ops on the same input)
             nx, nw, weight = ctx.saved_tensors
-            x = _rms_forward(nx, nw, ctx.eps)[0].reshape(ctx.x_shape)
+            x = rms_forward(nx, nw, ctx.eps)[0].reshape(ctx.x_shape)
         else:
             x, weight = ctx.saved_tensors
         # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
@@ -180,6 +184,40 @@ def scatter_add_rows(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> tor
     ``index``: autograd's ``index_add`` also keeps ``src`` although its gradient is just
     ``g[index]``."""
     return _ScatterRowsFn.apply(src, index, n_rows)
+
+
+# ----------------------------------------------------------------------------- dense Linear
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, source) -> torch.Tensor:
+        if source is None:
+            ctx.save_for_backward(x, weight)
+        else:  # x is a norm's output: keep the norm's input (kept by the norm anyway)
+            ctx.save_for_backward(source[0], source[1], weight)
+            ctx.eps = source[2]
+        ctx.rebuild, ctx.x_shape = source is not None, x.shape
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if ctx.rebuild:
+            nx, nw, weight = ctx.saved_tensors
+            x = rms_forward(nx, nw, ctx.eps)[0].reshape(ctx.x_shape)
+        else:
+            x, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        # autograd's mm formulas for linear(x, w.to(dtype)) on x folded to 2-D
+        dx = g2.mm(weight.to(g.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight.to(x.dtype))`` (no bias) that keeps the FP32 master weight, not
+    its compute-dtype copy (cast again in backward: all dense weights' bf16 copies were
+    ~19 MB of the small preset's activations), and, when x is an :func:`rms_norm` output,
+    the norm's input instead of x (rebuilt in backward). Bit-identical gradients."""
+    return _LinearFn.apply(x, weight, norm_source(x))
 
 
 # ----------------------------------------------------------------------------- attention
