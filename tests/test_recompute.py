@@ -226,6 +226,36 @@ def test_recomputed_attention_bit_identical(over, monkeypatch):
     assert lean[3] < 0.5 * plain[3], (lean[3], plain[3])
 
 
+def test_fp8_output_projection_keeps_no_copy_of_the_attention_output(monkeypatch):
+    """Under FP8, wo reads the attention output, which the recomputing attention saves as
+    it is: wo keeps that tensor (no new bytes) instead of an E4M3 copy and quantizes it
+    again in backward, bit for bit the same gradients as keeping the copy."""
+    from moeforge.fp8 import Fp8Config, convert
+    from moeforge.model.attention import MLA
+
+    cfg = load_config("tiny").model
+    torch.manual_seed(0)
+    attn = convert(MLA(cfg), Fp8Config(enabled=True))
+    x = torch.randn(3, 40, cfg.dim).bfloat16()
+    o_elems = 3 * 40 * cfg.n_heads * cfg.v_head_dim
+
+    def run():
+        attn.zero_grad()
+        saved, xx = [], x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = attn(xx)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
+        fp8_o = [t for t in saved if t.dtype == torch.float8_e4m3fn and t.numel() == o_elems]
+        return [out, xx.grad, *(p.grad.clone() for p in attn.parameters())], fp8_o
+
+    lean, fp8_o = run()
+    assert not fp8_o
+    monkeypatch.setattr(recompute, "kept_as_is", lambda t: False)
+    copy, fp8_o = run()
+    assert len(fp8_o) == 1  # the copy it keeps otherwise
+    assert all(torch.equal(p, q) for p, q in zip(lean, copy))
+
+
 def test_grouped_linear_gradient_in_weight_layout(monkeypatch):
     """The expert GEMM's own backward gives the same numbers as autograd through
     ``_grouped_mm`` (bit for bit) with dW already in W's [E, out, in] layout."""

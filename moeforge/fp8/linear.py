@@ -178,21 +178,27 @@ class _Fp8LinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops: Fp8Ops) -> torch.Tensor:
         xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.quantize(weight, "block")
         y = ops.gemm(xq, wq, x.dtype)
-        # the master weight, not its FP8 copy: quantized again in backward (the same bits);
-        # a norm's output is not kept even in FP8: the norm's input (kept by the norm) is
+        # Kept for backward: x's E4M3 copy, or nothing new when x is kept anyway: a norm's
+        # output is rebuilt from the norm's input, and a tensor saved as is (the attention
+        # output) is kept itself; either way backward quantizes it again (the same bits).
+        # W: the master, not its FP8 copy (quantized again in backward, the same bits).
         source = None if torch.compiler.is_compiling() else recompute.norm_source(x)
+        ctx.how = "fp8" if source is None else "norm"
+        if source is None and recompute.kept_as_is(x):
+            ctx.how, source = "kept", (x,)
         ctx.save_for_backward(*((xq.data, xq.scale) if source is None else source[:2]), weight)
-        ctx.ops, ctx.x_shape, ctx.w_dtype, ctx.eps = ops, x.shape, weight.dtype, source and source[2]
+        ctx.ops, ctx.x_shape, ctx.w_dtype = ops, x.shape, weight.dtype
+        ctx.eps = source[2] if ctx.how == "norm" else None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         ops = ctx.ops
-        a, b, weight = ctx.saved_tensors
-        if ctx.eps is None:
-            xq = Fp8Tensor(a, b, (1, ops.block))
-        elif ctx.needs_input_grad[1]:  # the norm again, then the forward's quantization: the same bits
-            x = recompute.rms_forward(a, b, ctx.eps)[0]
+        *xs, weight = ctx.saved_tensors
+        if ctx.how == "fp8":
+            xq = Fp8Tensor(xs[0], xs[1], (1, ops.block))
+        elif ctx.needs_input_grad[1]:  # x again, then the forward's quantization: the same bits
+            x = recompute.rms_forward(xs[0], xs[1], ctx.eps)[0] if ctx.how == "norm" else xs[0]
             xq = ops.quantize(x.reshape(-1, x.shape[-1]), "row")
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])

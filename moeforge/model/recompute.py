@@ -85,6 +85,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
+# Outputs a Function here saves exactly as it returns them (the attention output): a
+# consumer that needs a lower-precision copy of one for backward can keep the tensor
+# itself (no new bytes) and derive the copy again there.
+_KEPT = WeakIdKeyDictionary()
+
+
+def kept_as_is(t: torch.Tensor) -> bool:
+    """True when ``t`` (or the tensor it views) is saved unchanged for backward already."""
+    if torch.compiler.is_compiling():
+        return False
+    for key in (t, t._base):
+        hit = _KEPT.get(key) if key is not None else None
+        if hit is not None and hit == key._version:
+            return True
+    return False
+
+
 def norm_source(t: torch.Tensor):
     """(input, weight, eps) of the :func:`rms_norm` whose output ``t`` is (or is a view
     of), unchanged since; else None."""
@@ -260,7 +277,10 @@ def recomputed_attention(project, q_src: torch.Tensor, kv_src: torch.Tensor, par
     parameters ``project`` uses. CPU only (it calls the CPU flash-attention kernels that
     ``scaled_dot_product_attention`` dispatches to); gradients are bit-identical to
     autograd through the same code."""
-    return _RecomputedAttentionFn.apply(project, scale, vdim, q_src, kv_src, *params)
+    o = _RecomputedAttentionFn.apply(project, scale, vdim, q_src, kv_src, *params)
+    if o.requires_grad and not torch.compiler.is_compiling():
+        _KEPT[o] = o._version  # saved as it is: the output projection need not keep a copy
+    return o
 
 
 def is_plain(*ts: torch.Tensor) -> bool:
