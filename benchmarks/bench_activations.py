@@ -62,7 +62,7 @@ def breakdown(preset: str, fp8: bool, micro_batch: int) -> tuple[dict[str, float
     def pack(t: torch.Tensor):
         if not isinstance(t, nn.Parameter):
             st = t.untyped_storage()
-            seen.setdefault(st.data_ptr(), (st.nbytes(), stack[-1] if stack else "loss"))
+            seen.setdefault(st.data_ptr(), (st.nbytes(), stack[-1] if stack else "loss", t.dtype))
         return t
 
     try:
@@ -71,12 +71,13 @@ def breakdown(preset: str, fp8: bool, micro_batch: int) -> tuple[dict[str, float
     finally:
         for h in hooks:
             h.remove()
-    by = collections.Counter()
-    for nbytes, where in seen.values():
+    by, dtypes = collections.Counter(), collections.Counter()
+    for nbytes, where, dtype in seen.values():
         by[where] += nbytes / MB
+        dtypes[str(dtype).removeprefix("torch.")] += nbytes / MB
     held = {p: n for p, n in _ctx_held(loss).items() if p not in seen}
     by["(held on ctx: head-loss gradients)"] += sum(held.values()) / MB
-    return dict(by), sum(by.values())
+    return dict(by), sum(by.values()), dict(dtypes)
 
 
 def main() -> None:
@@ -86,12 +87,17 @@ def main() -> None:
     rows, summary = [], {}
     for preset in args.presets:
         mb = 16 if preset == "tiny" else 8
-        (b16, t16), (b8, t8) = breakdown(preset, False, mb), breakdown(preset, True, mb)
+        (b16, t16, d16), (b8, t8, d8) = breakdown(preset, False, mb), breakdown(preset, True, mb)
         for where in sorted(set(b16) | set(b8), key=lambda k: -(b16.get(k, 0) + b8.get(k, 0))):
             rows.append({"preset": preset, "saved by": where, "bf16 MB": round(b16.get(where, 0.0), 2),
                          "fp8 MB": round(b8.get(where, 0.0), 2)})
+        for dtype in sorted(set(d16) | set(d8), key=lambda k: -(d16.get(k, 0) + d8.get(k, 0))):
+            rows.append({"preset": preset, "saved by": f"(all saved {dtype} tensors)",
+                         "bf16 MB": round(d16.get(dtype, 0.0), 2), "fp8 MB": round(d8.get(dtype, 0.0), 2)})
         rows.append({"preset": preset, "saved by": "total", "bf16 MB": round(t16, 1), "fp8 MB": round(t8, 1)})
         summary[f"{preset} fp8/bf16"] = t8 / t16
+        saved16, saved8 = sum(d16.values()), sum(d8.values())
+        summary[f"{preset} fp8/bf16, saved tensors only (no held gradients)"] = saved8 / saved16
         print(f"{preset}: bf16 {t16:.1f} MB, fp8 {t8:.1f} MB, ratio {t8 / t16:.3f}", flush=True)
     write_results("activations", "Activation memory of one training step, by the module that keeps it", rows,
                   summary=summary, notes=[
@@ -99,7 +105,13 @@ def main() -> None:
                       "8x256); each storage counted once, at the innermost module running when it was saved; "
                       "parameters excluded. Fp8Linear/Linear rows are GEMM inputs (E4M3 + scales under FP8), "
                       "MLA keeps its latents, output and log-sum-exp (q/k/v are recomputed), RMSNorm its input "
-                      "(the residual stream), Transformer/MoE rows the router input and dispatch indices.",
+                      "(the residual stream), GroupedExperts the routed experts' input and SwiGLU inputs "
+                      "(unpadded; the SwiGLU output is recomputed and the routing weight's gradient needs no "
+                      "output rows), MoE the router's scores and dispatch indices. Norm outputs are kept by "
+                      "nobody: their consumers rebuild them from the norm's input.",
+                      "The '(all saved ... tensors)' rows split the same saved bytes by dtype: under FP8 the "
+                      "bf16 that remains is what V3 also keeps in high precision (the residual stream at the "
+                      "norms, the MLA latents and attention output, the MTP projection's input).",
                       "The head-loss row is memory the fused loss holds between forward and backward (its "
                       "precomputed gradients), which saved-tensor counts elsewhere in these benchmarks miss."])
 
