@@ -198,8 +198,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         if ctx.how == "fp8":
             xq = Fp8Tensor(xs[0], xs[1], (1, ops.block))
         elif ctx.needs_input_grad[1]:  # x again, then the forward's quantization: the same bits
-            x = recompute.rms_forward(xs[0], xs[1], ctx.eps)[0] if ctx.how == "norm" else xs[0]
-            xq = ops.quantize(x.reshape(-1, x.shape[-1]), "row")
+            x = recompute.rebuild_norm(xs[0], xs[1], ctx.eps) if ctx.how == "norm" else xs[0]
+            xq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1]))  # shared by wq_a/wkv_a, w1/w3
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])
         dx = dw = None
