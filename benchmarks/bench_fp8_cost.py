@@ -138,8 +138,9 @@ def main() -> None:
                       "micro-batch of 16x128 tokens, the trainer's loss path (fused head + cross-entropy); saved bytes "
                       "there include everything autograd keeps (attention, norm inputs, router, MoE combine), of which "
                       "the FP8 GEMM inputs and the SwiGLU inputs (cached in E4M3) shrink.",
-                      "Saved bytes: FP8 keeps x (1 B/elt + one fp32 scale per 128) and the FP8 weight copy; "
-                      "BF16 keeps x (2 B/elt) and the bf16 weight copy. Parameters are not counted."])
+                      "Saved bytes: FP8 keeps x (1 B/elt + one fp32 scale per 128), BF16 keeps x (2 B/elt); both "
+                      "keep the FP32 master weight (a Parameter, not counted) and cast or quantize it again in "
+                      "backward."])
 
 
 if __name__ == "__main__":
