@@ -158,8 +158,9 @@ def test_router_rebuilds_a_norm_output_instead_of_keeping_it():
                    and t.data_ptr() == y.data_ptr() for t in saved)
     assert any(t.data_ptr() == hh.data_ptr() for t in saved)  # the norm's input, shared
     # consumers of one norm share one rebuild, equal to the forward's output
-    again = recompute.rebuild_norm(hh, nw, 1e-6)
-    assert again is recompute.rebuild_norm(hh, nw, 1e-6) and torch.equal(again, y)
+    source = recompute.norm_source(y.view(-1, 64))
+    again = recompute.rebuild_norm(*source)
+    assert again is recompute.rebuild_norm(*source) and torch.equal(again, y)
     y.mul_(2)  # changed in place: the router must keep it, not rebuild the old value
     assert recompute.norm_source(y) is None
 

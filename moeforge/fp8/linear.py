@@ -188,7 +188,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             ctx.how, source = "kept", (x,)
         ctx.save_for_backward(*((xq.data, xq.scale) if source is None else source[:2]), weight)
         ctx.ops, ctx.x_shape, ctx.w_dtype = ops, x.shape, weight.dtype
-        ctx.eps = source[2] if ctx.how == "norm" else None
+        ctx.eps, ctx.cell = (source[2], source[3]) if ctx.how == "norm" else (None, None)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -198,7 +198,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         if ctx.how == "fp8":
             xq = Fp8Tensor(xs[0], xs[1], (1, ops.block))
         elif ctx.needs_input_grad[1]:  # x again, then the forward's quantization: the same bits
-            x = recompute.rebuild_norm(xs[0], xs[1], ctx.eps) if ctx.how == "norm" else xs[0]
+            x = recompute.rebuild_norm(xs[0], xs[1], ctx.eps, ctx.cell) if ctx.how == "norm" else xs[0]
             xq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1]))  # shared by wq_a/wkv_a, w1/w3
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])

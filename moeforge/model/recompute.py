@@ -81,7 +81,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` computed in FP32, returned in x's dtype; saves x and rstd."""
     y = _RMSNormFn.apply(x, weight, eps)
     if y.requires_grad and not torch.compiler.is_compiling():
-        _NORM_SOURCES[y] = (y._version, x, weight, eps)
+        _NORM_SOURCES[y] = (y._version, x, weight, eps, [])  # [] : the rebuilt output, once
     return y
 
 
@@ -102,26 +102,21 @@ def kept_as_is(t: torch.Tensor) -> bool:
     return False
 
 
-# Rebuilt norm outputs, shared by the consumers that rebuild the same one in backward
-# (wq_a and wkv_a, the router and the shared expert's w1/w3): norm input -> (its version,
-# the output). An entry lives while the norm's input does, i.e. until that part of the
-# backward is done; rebuilding once per consumer cost ~7% of a small bf16 step.
-_REBUILT = WeakIdKeyDictionary()
-
-
-def rebuild_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:func:`rms_norm`'s output for input ``x`` again (the same bits), computed once."""
-    hit = _REBUILT.get(x)
-    if hit is not None and hit[0] == x._version and hit[1] is weight:
-        return hit[2]
-    y = rms_forward(x, weight, eps)[0]
-    _REBUILT[x] = (x._version, weight, y)
-    return y
+def rebuild_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cell: list) -> torch.Tensor:
+    """:func:`rms_norm`'s output for input ``x`` again (the same bits), computed once per
+    forward call: its consumers (wq_a and wkv_a, the router and the shared expert's
+    w1/w3) share ``cell``, which :func:`norm_source` handed to each of them. Rebuilding
+    once per consumer cost ~7% of a small bf16 step. (A lookup keyed by the input tensor
+    served wrong values under pipeline schedules; the cell lives exactly as long as the
+    consumers' graph nodes.)"""
+    if not cell:
+        cell.append(rms_forward(x, weight, eps)[0])
+    return cell[0]
 
 
 def norm_source(t: torch.Tensor):
-    """(input, weight, eps) of the :func:`rms_norm` whose output ``t`` is (or is a view
-    of), unchanged since; else None."""
+    """(input, weight, eps, cell) of the :func:`rms_norm` whose output ``t`` is (or is a
+    view of), unchanged since; else None. ``cell`` is for :func:`rebuild_norm`."""
     if torch.compiler.is_compiling():
         return None
     for key in (t, t._base):
@@ -174,7 +169,7 @@ class _Fp32LinearFn(torch.autograd.Function):
             ctx.save_for_backward(x, weight)
         else:  # x is a norm's output: keep the norm's input (saved by the norm anyway) instead
             ctx.save_for_backward(source[0], source[1], weight)
-            ctx.eps, ctx.x_shape = source[2], x.shape
+            ctx.eps, ctx.cell, ctx.x_shape = source[2], source[3], x.shape
         ctx.rebuild = source is not None
         return F.linear(x.float(), weight.float())
 
@@ -182,7 +177,7 @@ class _Fp32LinearFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if ctx.rebuild:  # the norm again, bit for bit (the same ops on the same input)
             nx, nw, weight = ctx.saved_tensors
-            x = rebuild_norm(nx, nw, ctx.eps).reshape(ctx.x_shape)
+            x = rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape)
         else:
             x, weight = ctx.saved_tensors
         # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
@@ -228,7 +223,7 @@ class _LinearFn(torch.autograd.Function):
             ctx.save_for_backward(x, weight)
         else:  # x is a norm's output: keep the norm's input (kept by the norm anyway)
             ctx.save_for_backward(source[0], source[1], weight)
-            ctx.eps = source[2]
+            ctx.eps, ctx.cell = source[2], source[3]
         ctx.rebuild, ctx.x_shape = source is not None, x.shape
         return F.linear(x, weight.to(x.dtype))
 
@@ -236,7 +231,7 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         if ctx.rebuild:
             nx, nw, weight = ctx.saved_tensors
-            x = rebuild_norm(nx, nw, ctx.eps).reshape(ctx.x_shape)
+            x = rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape)
         else:
             x, weight = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
