@@ -47,6 +47,7 @@ from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 from moeforge.model import recompute
+from moeforge.model.expert_ffn import repad_rows
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         # output is rebuilt from the norm's input, and a tensor saved as is (the attention
         # output) is kept itself; either way backward quantizes it again (the same bits).
         # W: the master, not its FP8 copy (quantized again in backward, the same bits).
-        source = None if torch.compiler.is_compiling() else recompute.norm_source(x)
+        source = recompute.norm_source(x)
         ctx.how = "fp8" if source is None else "norm"
         if source is None and recompute.kept_as_is(x):
             ctx.how, source = "kept", (x,)
@@ -283,10 +284,10 @@ class Fp8GroupedGemm:
         if counts == padded:
             return op
         if not isinstance(op, Fp8Tensor):
-            return _repad(op, counts, padded)
+            return repad_rows(op, counts, padded)
         assert op.block[0] == 1, "only 1xB-tiled operands have one scale row per row"
-        return Fp8Tensor(_repad(op.data, counts, padded), _repad(op.scale, counts, padded), op.block,
-                         None if op.dq is None else _repad(op.dq, counts, padded))
+        return Fp8Tensor(repad_rows(op.data, counts, padded), repad_rows(op.scale, counts, padded), op.block,
+                         None if op.dq is None else repad_rows(op.dq, counts, padded))
 
     def forward(self, xq: Fp8Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         ops = self._ops(w)
@@ -296,7 +297,7 @@ class Fp8GroupedGemm:
     def wgrad_input(self, x: Fp8Tensor | torch.Tensor, counts: list[int]) -> Fp8Tensor:
         n_used, _ = _used(counts, x.data.device if isinstance(x, Fp8Tensor) else x.device)
         padded = _aligned(n_used, self.cfg.block_size)
-        pad = lambda t: _pad_segments(t, n_used, padded)  # noqa: E731
+        pad = lambda t: repad_rows(t, n_used, padded)  # noqa: E731  each expert's rows to whole 128-row tiles
         if isinstance(x, Fp8Tensor):
             return self._ops(x.data).retile(x, "col", pad)
         return self._ops(x).quantize(pad(x), "col")
@@ -306,7 +307,7 @@ class Fp8GroupedGemm:
         ops = self._ops(dy)
         n_used, idx = _used(counts, w.device)
         padded = _aligned(n_used, ops.block)
-        dy_p = _pad_segments(dy, n_used, padded) if need_dw else dy
+        dy_p = repad_rows(dy, n_used, padded) if need_dw else dy
         dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_dx, need_dw)
         dx = dw = None
         if need_dx:  # only Dgrad reads W
@@ -330,17 +331,6 @@ def _aligned(counts: list[int], b: int) -> list[int]:
 def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor:
     """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens."""
     return ops.quantize(w if len(idx) == w.shape[0] else w.index_select(0, idx), "block")
-
-
-def _repad(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-    from moeforge.model.expert_ffn import repad_rows  # not at module level: config -> fp8 -> model -> config
-
-    return repad_rows(x, counts, padded)
-
-
-def _pad_segments(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-    """Copy each expert's rows to the start of a zero block of ``padded[i]`` rows."""
-    return x if counts == padded else _repad(x, counts, padded)
 
 
 class Fp8GroupedLinear:

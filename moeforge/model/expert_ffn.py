@@ -30,7 +30,7 @@ Choices:
   ``keep(t)``                t as saved for backward when only its value is needed
   ``value(kept, dtype)``     the tensor back from ``keep`` / ``input`` (dequantized)
   ``pack(op)`` / ``unpack``  an operand as a tuple of tensors for ``save_for_backward``
-  ``repad(op, c, p)``        :func:`repad_rows` on an operand (a no-op when c == p)
+  ``repad(op, c, p)``        :func:`repad_rows` on an operand
   ``forward(op, w, c, dtype)`` y = x @ w[e].T per expert group, in ``dtype``
   ``wgrad_input(op, c)``     the operand as the weight-gradient GEMM reads it
   ``grads(dy, xw, w, c, need_dx, need_dw)``   (dx, dw) of one grouped linear
@@ -49,7 +49,10 @@ import torch.nn.functional as F
 def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
     """Rows grouped in blocks of ``counts[i]`` -> blocks of ``padded[i]`` rows: each block
     keeps its first min(c, p) rows and is zero-filled to p. One ``cat`` of slices, i.e.
-    memcpy speed (``index_put`` / ``index_select`` by row index ran ~5x slower)."""
+    memcpy speed (``index_put`` / ``index_select`` by row index ran ~5x slower). When
+    nothing changes (counts == padded) it returns ``x`` itself, no copy."""
+    if counts == padded:
+        return x
     extra = max([p - c for c, p in zip(counts, padded)] + [0])
     zeros = x.new_zeros(extra, *x.shape[1:]) if extra else None
     parts = []
@@ -83,7 +86,7 @@ class GroupedGemm:
         return saved[0]
 
     def repad(self, op: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
-        return op if counts == padded else repad_rows(op, counts, padded)
+        return repad_rows(op, counts, padded)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch._grouped_mm(x, w.to(x.dtype).transpose(-2, -1), offs=_offsets(counts, x.device))
@@ -104,7 +107,6 @@ class _GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int], ops) -> torch.Tensor:
         xo = ops.input(x)
-        ctx.n_x = len(ops.pack(xo))
         ctx.save_for_backward(*ops.pack(xo), w)  # the master weight: cast / quantized again in backward
         ctx.counts, ctx.ops = counts, ops
         return ops.forward(xo, w, counts, x.dtype)

@@ -162,28 +162,39 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- MoE router and combine
+def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Save a GEMM's input and weight; when x is a norm's output (:func:`norm_source`),
+    the norm's input (kept by the norm anyway) instead of x."""
+    source = norm_source(x)
+    if source is None:
+        ctx.save_for_backward(x, weight)
+    else:
+        ctx.save_for_backward(source[0], source[1], weight)
+        ctx.eps, ctx.cell = source[2], source[3]
+    ctx.rebuild, ctx.x_shape = source is not None, x.shape
+
+
+def _saved_input(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, weight) as :func:`_save_input` saved them; a norm output rebuilt, bit for bit."""
+    if not ctx.rebuild:
+        return ctx.saved_tensors
+    nx, nw, weight = ctx.saved_tensors
+    return rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape), weight
+
+
 class _Fp32LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, source) -> torch.Tensor:
-        if source is None:
-            ctx.save_for_backward(x, weight)
-        else:  # x is a norm's output: keep the norm's input (saved by the norm anyway) instead
-            ctx.save_for_backward(source[0], source[1], weight)
-            ctx.eps, ctx.cell, ctx.x_shape = source[2], source[3], x.shape
-        ctx.rebuild = source is not None
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        _save_input(ctx, x, weight)
         return F.linear(x.float(), weight.float())
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        if ctx.rebuild:  # the norm again, bit for bit (the same ops on the same input)
-            nx, nw, weight = ctx.saved_tensors
-            x = rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape)
-        else:
-            x, weight = ctx.saved_tensors
+        x, weight = _saved_input(ctx)
         # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
         dx = g.mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = x.float().t().mm(g).t().to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        return dx, dw
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -193,7 +204,7 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     router reads ``ffn_norm``'s), not even x is kept: backward runs the norm again on its
     saved input (V3 recomputes RMSNorm). Under FP8 nothing else keeps that bf16 x (the
     expert GEMMs keep E4M3 copies), so this drops 2 MB per layer on small. Bit-identical."""
-    return _Fp32LinearFn.apply(x, weight, norm_source(x))
+    return _Fp32LinearFn.apply(x, weight)
 
 
 class _ScatterRowsFn(torch.autograd.Function):
@@ -218,27 +229,18 @@ def scatter_add_rows(src: torch.Tensor, index: torch.Tensor, n_rows: int) -> tor
 # ----------------------------------------------------------------------------- dense Linear
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, source) -> torch.Tensor:
-        if source is None:
-            ctx.save_for_backward(x, weight)
-        else:  # x is a norm's output: keep the norm's input (kept by the norm anyway)
-            ctx.save_for_backward(source[0], source[1], weight)
-            ctx.eps, ctx.cell = source[2], source[3]
-        ctx.rebuild, ctx.x_shape = source is not None, x.shape
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        _save_input(ctx, x, weight)
         return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        if ctx.rebuild:
-            nx, nw, weight = ctx.saved_tensors
-            x = rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape)
-        else:
-            x, weight = ctx.saved_tensors
+        x, weight = _saved_input(ctx)
         g2 = g.reshape(-1, g.shape[-1])
         # autograd's mm formulas for linear(x, w.to(dtype)) on x folded to 2-D
         dx = g2.mm(weight.to(g.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        return dx, dw
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -246,7 +248,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     its compute-dtype copy (cast again in backward: all dense weights' bf16 copies were
     ~19 MB of the small preset's activations), and, when x is an :func:`rms_norm` output,
     the norm's input instead of x (rebuilt in backward). Bit-identical gradients."""
-    return _LinearFn.apply(x, weight, norm_source(x))
+    return _LinearFn.apply(x, weight)
 
 
 # ----------------------------------------------------------------------------- attention
