@@ -123,6 +123,10 @@ def test_grouped_skips_empty_experts(monkeypatch):
     monkeypatch.setattr(Fp8Ops, "quantize", lambda self, t, tile: seen.append(tuple(t.shape)) or real(self, t, tile))
     Fp8GroupedLinear(CFG)(torch.randn(10, 128), torch.randn(6, 32, 128), [0, 10, 0, 0, 0, 0])
     assert (1, 32, 128) in seen and (6, 32, 128) not in seen  # only the used expert's weight
+    seen.clear()  # a parameter: the whole stack once per optimizer step, for Fprop and Dgrad alike
+    w, x = nn.Parameter(torch.randn(6, 32, 128)), torch.randn(10, 128, requires_grad=True)
+    Fp8GroupedLinear(CFG)(x, w, [0, 10, 0, 0, 0, 0]).sum().backward()
+    assert seen.count((6, 32, 128)) == 1 and (1, 32, 128) not in seen and x.grad is not None
     assert Fp8GroupedLinear(CFG)(torch.randn(0, 128), torch.randn(6, 32, 128), [0] * 6).shape == (0, 32)
 
 

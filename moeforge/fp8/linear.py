@@ -16,11 +16,12 @@ Choices:
 
 - Saved for backward: x in FP8 with its 1x128 scales, never a bf16 or fp32 copy. GEMMs
   reading the same activation tensor (wq_a/wkv_a, w1/w3) share one quantization of it and
-  so save one copy. Weights are not kept in FP8: backward quantizes the master again
-  (the same bits, one pass over a weight, instead of holding every FP8 copy through the
-  step: ~100 MB for the small preset's experts, ~9 MB for its dense layers). Master weights
-  stay whatever the parameter is (FP32); dW is returned in the weight's dtype, dx in the
-  input's.
+  so save one copy. Weights are not saved at all: their 128x128-block quantization is
+  made once per optimizer step and kept with the parameter (``Fp8Ops.weight`` through
+  ``moeforge.model.weight_cache``), so Fprop and Dgrad read the same blocks for one
+  quantization pass per step; backward saves the master and asks for it again. Master
+  weights stay whatever the parameter is (FP32); dW is returned in the weight's dtype, dx
+  in the input's.
 - Scales are online (current tensor), as published: no amax history.
 - CPU cost: the quantizers are C kernels (``cpu_kernels.py``) that write the E4M3 copy
   and, in the same pass, the dequantized bf16 GEMM operand (``Fp8Tensor.dq``), so a GEMM
@@ -46,7 +47,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
-from moeforge.model import recompute
+from moeforge.model import recompute, weight_cache
 from moeforge.model.expert_ffn import repad_rows
 
 
@@ -78,6 +79,11 @@ class Fp8Ops:
             from moeforge.fp8 import kernels
             return kernels.quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
         return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2, dq_dtype=self.compute_dtype)
+
+    def weight(self, w: torch.Tensor) -> Fp8Tensor:
+        """W's 128x128-block quantization, made once per optimizer step (``weight_cache``):
+        the forward GEMM and the backward Dgrad read the same blocks."""
+        return weight_cache.cached(w, ("fp8", self), lambda t: self.quantize(t, "block"))
 
     def quantize_many(self, x: torch.Tensor, tiles: tuple[str, ...]) -> list[Fp8Tensor]:
         """``x`` in several tilings, each with its dequantized operand on CPU (one C-kernel
@@ -177,7 +183,7 @@ def _quantize_input(ops: Fp8Ops, x: torch.Tensor, x2: torch.Tensor) -> Fp8Tensor
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops: Fp8Ops) -> torch.Tensor:
-        xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.quantize(weight, "block")
+        xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.weight(weight)
         y = ops.gemm(xq, wq, x.dtype)
         # Kept for backward: x's E4M3 copy, or nothing new when x is kept anyway: a norm's
         # output is rebuilt from the norm's input, and a tensor saved as is (the attention
@@ -205,7 +211,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])
         dx = dw = None
         if dy_row is not None:  # only Dgrad reads W
-            dx = ops.gemm(dy_row, ops.quantize(weight, "block").t(), dy.dtype).reshape(ctx.x_shape)
+            dx = ops.gemm(dy_row, ops.weight(weight).t(), dy.dtype).reshape(ctx.x_shape)
         if dy_col is not None:
             x_col = ops.retile(xq, "col")  # 1x128 -> 128x1
             dw = ops.gemm(dy_col.t(), x_col.t(), ctx.w_dtype)
@@ -246,10 +252,9 @@ class Fp8GroupedGemm:
 
     - Operands: x 1x128 (E4M3 saved, its dequantized copy only feeds the forward GEMM);
       the SwiGLU inputs kept in E4M3 1x128 when ``cache_swiglu`` (V3 TR 3.3.2), else as
-      they are; weights 128x128 blocks, quantized on each use from the master (the same
-      bits every time) rather than an FP8 copy held through the step.
-    - Experts with no tokens are dropped before any work (their weight is not even
-      quantized) and get a zero gradient.
+      they are; weights 128x128 blocks, the whole stack's quantization made once per
+      optimizer step (``Fp8Ops.weight``).
+    - Experts with no tokens are dropped before any GEMM and get a zero gradient.
     - Wgrad: each expert's segment is zero-padded to a multiple of 128 tokens so no 128x1
       tile straddles two experts; then one K-grouped GEMM gives all dW. A saved FP8 x is
       dequantized and re-tiled (V3); a recomputed bf16 operand (the SwiGLU output) is
@@ -329,8 +334,15 @@ def _aligned(counts: list[int], b: int) -> list[int]:
 
 
 def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor:
-    """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens."""
-    return ops.quantize(w if len(idx) == w.shape[0] else w.index_select(0, idx), "block")
+    """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens (selected
+    from the whole stack's, which ``weight_cache`` keeps for the step)."""
+    if len(idx) == w.shape[0]:
+        return ops.weight(w)
+    if not weight_cache.cacheable(w):  # nothing to reuse: quantize only the used experts
+        return ops.quantize(w.index_select(0, idx), "block")
+    q = ops.weight(w)
+    pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+    return Fp8Tensor(pick(q.data), pick(q.scale), q.block, pick(q.dq))
 
 
 class Fp8GroupedLinear:

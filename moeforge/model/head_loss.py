@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from moeforge.model import weight_cache
 from moeforge.native import BASE_FLAGS, NativeLibrary
 
 IGNORE = -100
@@ -102,7 +103,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         d = h.shape[-1]
         h2 = h.reshape(-1, d)
         y = labels.reshape(-1)
-        w = weight.to(h.dtype)
+        w = weight_cache.cast(weight, h.dtype)
         logits = h2 @ w.t()  # [T, V] in the compute dtype; becomes the gradient in place
         denom = (y != IGNORE).sum().clamp_min(1).to(torch.float32)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from moeforge.model import weight_cache
+
 
 def rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised x in x's dtype, rstd): the one forward every caller (and recompute) runs."""
@@ -231,22 +233,22 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         _save_input(ctx, x, weight)
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, weight_cache.cast(weight, x.dtype))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight = _saved_input(ctx)
         g2 = g.reshape(-1, g.shape[-1])
         # autograd's mm formulas for linear(x, w.to(dtype)) on x folded to 2-D
-        dx = g2.mm(weight.to(g.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = g2.mm(weight_cache.cast(weight, g.dtype)).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight.to(x.dtype))`` (no bias) that keeps the FP32 master weight, not
-    its compute-dtype copy (cast again in backward: all dense weights' bf16 copies were
-    ~19 MB of the small preset's activations), and, when x is an :func:`rms_norm` output,
+    its compute-dtype copy (backward asks ``weight_cache`` for the cast again: all dense
+    weights' bf16 copies were ~19 MB of the small preset's activations), and, when x is an :func:`rms_norm` output,
     the norm's input instead of x (rebuilt in backward). Bit-identical gradients."""
     return _LinearFn.apply(x, weight)
 

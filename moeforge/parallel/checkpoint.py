@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moeforge.errors import UserError
+from moeforge.model import weight_cache
 
 EXPERT_KEYS = (".experts.w1", ".experts.w2", ".experts.w3")
 _SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
@@ -144,6 +145,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     like_o = {k: dict(v) for k, v in osd.get("state", {}).items()}
     state = _dcp_state(msd, osd, optimizer, mesh, extra)
     dcp.load(state, checkpoint_id=str(path))
+    weight_cache.invalidate()  # DCP may write parameters in place without bumping versions
     msd, osd = state["model"], state.get("optim", {})
     if ep:
         for k in [k for k in msd if is_expert(k)]:
@@ -176,6 +178,7 @@ def load_named(path: str | Path, groups: dict[str, dict[str, torch.Tensor]], mes
     check_metadata(path)
     view = _global_view(groups, mesh)
     dcp.load(view, checkpoint_id=str(path))  # in place: plain tensors and DTensors' local shards
+    weight_cache.invalidate()
     for g, d in groups.items():
         for k, t in d.items():
             if view[g][k] is not t:  # an expert slice, read through its global view

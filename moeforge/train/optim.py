@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from moeforge.config import TrainConfig
+from moeforge.model import weight_cache
 
 V3_TAIL_SPLIT = 2 / 3  # V3: 333B tokens at min_lr, then 167B at the lower tail
 
@@ -73,6 +74,7 @@ class AdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.step_count += 1
+        weight_cache.invalidate()  # the parameters change below: their bf16 / FP8 forms go stale
         if self.moment_dtype == torch.float32 and hasattr(torch, "_fused_adamw_"):
             self._fused_step()
             return
