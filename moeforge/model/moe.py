@@ -195,7 +195,9 @@ class LocalDispatcher:
         order = flat.argsort(stable=True)
         token = order // idx.shape[1]
         counts = torch.bincount(flat, minlength=n_experts)
-        return x[token], weights.flatten()[order], counts, token
+        # index_select, not x[token]: its backward is one index_add (0.65 ms on small's
+        # 8192 x 512 rows) where advanced indexing's accumulating index_put sorts first (7 ms)
+        return x.index_select(0, token), weights.flatten().index_select(0, order), counts, token
 
     def combine(self, y: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         """Sum each token's (already weighted) expert rows."""

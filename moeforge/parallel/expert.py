@@ -56,11 +56,11 @@ class AllToAllDispatcher:
         # rows arrive source-major; regroup them expert-major for the grouped GEMM
         expert_of_row = torch.arange(e_local, device=x.device).repeat(self.ep).repeat_interleave(recv.flatten())
         perm = expert_of_row.argsort(stable=True)
-        return xr[perm], wr[perm], recv.sum(0), (local_ctx, perm, in_splits, out_splits)
+        return xr.index_select(0, perm), wr.index_select(0, perm), recv.sum(0), (local_ctx, perm, in_splits, out_splits)
 
     def combine(self, y: torch.Tensor, ctx, n_tokens: int) -> torch.Tensor:
         local_ctx, perm, in_splits, out_splits = ctx
-        back = y[perm.argsort()]  # expert-major -> source-major (a gather: differentiable)
+        back = y.index_select(0, perm.argsort())  # expert-major -> source-major (a gather: differentiable)
         ys = all_to_all_single_autograd(back.contiguous(), in_splits, out_splits, self.group)
         return self.local.combine(ys, local_ctx, n_tokens)
 
