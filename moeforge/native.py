@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+INCLUDE_DIR = Path(__file__).with_name("csrc")  # headers shared by the kernels (part of the build key)
 BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC", "-fopenmp"]
 
 
@@ -56,7 +57,8 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = source.read_bytes()
+    flags = [*flags, f"-I{INCLUDE_DIR}"]
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(INCLUDE_DIR.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{source.stem}_{key}.so"
     if not out.is_file():

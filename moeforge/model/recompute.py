@@ -9,12 +9,14 @@ source rows.
 
 Choices:
 
-- :func:`rms_norm` saves x in its own dtype plus one FP32 ``rstd`` per row. Its backward
-  is the *same sequence of ops* autograd runs for ``RMSNorm``'s forward (mul, sum over
-  the broadcast dims, rsqrt's ``-0.5 * g * r^3``, mean's ``/ C``, pow's ``2x``), so results
-  are bit-identical to the plain graph (``tests/test_recompute.py`` checks with
-  ``torch.equal``): recomputation changes memory, not numbers. The same holds for every
-  Function here except the FP8-cached SwiGLU.
+- :func:`rms_norm` saves x in its own dtype plus one FP32 ``rstd`` per row. Its torch
+  backward is the *same sequence of ops* autograd runs for ``RMSNorm``'s forward (mul,
+  sum over the broadcast dims, rsqrt's ``-0.5 * g * r^3``, mean's ``/ C``, pow's ``2x``),
+  so results are bit-identical to the plain graph (``tests/test_recompute.py`` checks
+  with ``torch.equal``): recomputation changes memory, not numbers. The same holds for
+  every Function here except the FP8-cached SwiGLU, and except that bf16 norms on CPU run
+  on a C kernel (``norm_kernel.py``: one pass each way instead of ~18; equal to FP32
+  rounding, sums in another order).
 - :func:`swiglu` ``silu(a) * b`` saves a and b and recomputes silu(a) with the same
   kernel. With ``fp8`` set (``fp8.convert`` does when ``fp8.cache_swiglu``), a and b are
   saved as E4M3 with 1x128 scales instead, as V3 does; backward then runs on their
@@ -39,11 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from moeforge.model import weight_cache
+from moeforge.model import norm_kernel, weight_cache
 
 
 def rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised x in x's dtype, rstd): the one forward every caller (and recompute) runs."""
+    """(normalised x in x's dtype, rstd): the one forward every caller (and recompute) runs.
+    bf16 on CPU: the C kernel (``norm_kernel.py``), one pass instead of six."""
+    done = norm_kernel.forward(x, weight, eps)
+    if done is not None:
+        return done
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (x32 * rstd * weight.float()).to(x.dtype), rstd
@@ -59,6 +65,9 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, rstd, weight = ctx.saved_tensors
+        done = norm_kernel.backward(x, weight, dy, rstd, ctx.needs_input_grad[1])
+        if done is not None:
+            return done[0], done[1], None
         x32, w32, g = x.float(), weight.float(), dy.float()
         y = x32 * rstd  # recomputed exactly as in forward
         dw = None

@@ -32,8 +32,7 @@ typedef struct {
 } qjob;
 
 
-static inline float f32_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
-static inline uint32_t bits_of_f32(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+#include "mf_bits.h"
 
 /* E4M3 (fn) -> FP32, exact. Selects are written as bit masks: GCC vectorizes those
  * loops, not ones with ?: on floats or a table lookup. */

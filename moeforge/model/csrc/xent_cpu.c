@@ -21,17 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float f32_of_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
-static inline uint32_t bits_of_f32(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
-
-static inline float bf16_value(uint16_t h) { return f32_of_bits((uint32_t)h << 16); }
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t b = bits_of_f32(f);
-    uint32_t is_nan = -(uint32_t)((b & 0x7FFFFFFFu) > 0x7F800000u);
-    uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-    return (uint16_t)((r & ~is_nan) | (((b >> 16) | 0x40u) & is_nan));
-}
+#include "mf_bits.h"
 
 /* exp(x) for x <= 0 (arguments are z - max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
  * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free. */
