@@ -1,5 +1,6 @@
-/* Bit-level float helpers shared by moeforge's C kernels (moeforge/native.py builds every
- * kernel with this directory on the include path and this file in the build key). */
+/* Bit-level float helpers and a vectorizable exp, shared by moeforge's C kernels
+ * (moeforge/native.py builds every kernel with this directory on the include path and
+ * this file in the build key). */
 #ifndef MF_BITS_H
 #define MF_BITS_H
 #include <stdint.h>
@@ -16,5 +17,24 @@ static inline uint16_t bf16_round(float f) {
     uint32_t is_nan = -(uint32_t)((b & 0x7FFFFFFFu) > 0x7F800000u);
     uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     return (uint16_t)((r & ~is_nan) | (((b >> 16) | 0x40u) & is_nan));
+}
+
+/* exp(x) for x <= 0 (arguments are z - max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
+ * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free. */
+static inline float exp_nonpos(float x) {
+    float xc = x < -87.3f ? -87.3f : x;
+    float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = xc - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float two_n = f32_of_bits((uint32_t)((int32_t)n + 127) << 23);
+    return x < -87.3f ? 0.0f : p * two_n;
 }
 #endif

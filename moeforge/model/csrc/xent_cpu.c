@@ -9,8 +9,8 @@
  *   m = max z;  e_i = exp(z_i - m);  s = sum e_i;  lse = m + log s
  *   loss[t] = lse - z_y (0 when ignored)
  *   grad    = (e_i / s - [i == y]) * scale      written over z, in z's dtype
- * The exponential is our own vectorizable FP32 exp (2^n times a degree-7 polynomial,
- * relative error ~2e-7) because libm's expf does not vectorize without -ffast-math;
+ * The exponential is our own vectorizable FP32 exp (mf_bits.h: 2^n times a degree-7
+ * polynomial, relative error ~2e-7) because libm's expf does not vectorize without -ffast-math;
  * reductions use `omp simd` so GCC may reorder them. Results therefore differ from the
  * torch path in the last bits; the tests compare both with an FP64 reference.
  * Logits are fp32 (xtype 0) or bf16 (xtype 1); bf16 is written back round-to-nearest-even.
@@ -22,25 +22,6 @@
 #include <string.h>
 
 #include "mf_bits.h"
-
-/* exp(x) for x <= 0 (arguments are z - max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
- * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free. */
-static inline float exp_nonpos(float x) {
-    float xc = x < -87.3f ? -87.3f : x;
-    float n = __builtin_rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693145751953125f;
-    r = r - n * 1.428606765330187e-06f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    float two_n = f32_of_bits((uint32_t)((int32_t)n + 127) << 23);
-    return x < -87.3f ? 0.0f : p * two_n;
-}
 
 static void row(void *z, int xtype, int64_t V, int64_t label, float scale, int need_grad,
                 float *buf, float *loss) {
