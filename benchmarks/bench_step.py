@@ -32,6 +32,7 @@ import torch
 
 from moeforge.bench import interleaved, machine_peak_flops, write_results
 from moeforge.config import load_config
+from moeforge.model import weight_cache
 from moeforge.train.losses import lm_loss
 from moeforge.train.metrics import train_flops_per_token
 from moeforge.train.optim import AdamW
@@ -75,13 +76,13 @@ def peak_of(preset: str, name: str) -> None:
     step()
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # kB
-    print(json.dumps({"peak_step_mb": peak - before}))
+    print(json.dumps({"peak_step_mb": peak - before, "weight_forms_mb": weight_cache.cached_bytes() / 2**20}))
 
 
-def measure_peak(preset: str, name: str) -> float:
+def measure_peak(preset: str, name: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--preset", preset, "--peak-of", name],
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_step_mb"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def make_step(cfg, tokens):
@@ -144,14 +145,14 @@ def main() -> None:
         tok_s = b * s / t[name]
         rows.append({"variant": name, "step_s": t[name], "tokens_per_s": tok_s, "model_tflops": tok_s * fpt / 1e12,
                      "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
-                     "peak_step_mb": peaks[name],
+                     "peak_step_mb": peaks[name]["peak_step_mb"], "weight_forms_mb": peaks[name]["weight_forms_mb"],
                      "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan")})
     summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "peak_threads": peak_threads,
                "flops_per_token": fpt,
                **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
     if "fp8" in mems and "bf16" in mems:
         summary["fp8_saved_bytes_vs_bf16"] = mems["fp8"] / mems["bf16"]
-        summary["fp8_peak_step_vs_bf16"] = peaks["fp8"] / peaks["bf16"]
+        summary["fp8_peak_step_vs_bf16"] = peaks["fp8"]["peak_step_mb"] / peaks["bf16"]["peak_step_mb"]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
              f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the best bf16 GEMM rate (2048^3) measured "
              f"at 1..{torch.get_num_threads()} threads (reached at {peak_threads}; on hosts whose two vCPUs are "
@@ -159,7 +160,10 @@ def main() -> None:
              "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
              "peak_step_mb: how far the resident set rises during a training step above its level between steps "
              "(each variant alone in a fresh process, the second step, peak-RSS mark reset, allocations of 64 KiB "
-             "and more unmapped when freed): activations, gradients and temporaries."]
+             "and more unmapped when freed): activations, gradients and temporaries.",
+             "weight_forms_mb: the weights' compute-dtype casts / FP8 quantizations kept between steps "
+             "(model/weight_cache.py: made once per optimizer step instead of twice per step; persistent, so not "
+             "in peak_step_mb)."]
     write_results(f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
                   rows, notes, summary)
     for r in rows:
