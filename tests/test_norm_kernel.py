@@ -85,3 +85,23 @@ def test_model_with_and_without_the_kernel():
     assert ga.keys() == gb.keys()
     for k in gb:  # bf16 rounding differences only, propagated through two layers
         assert (ga[k].float() - gb[k].float()).norm() <= 0.03 * gb[k].float().norm() + 1e-6, k
+
+
+@pytest.mark.slow
+def test_compiled_bf16_model_trains_like_eager():
+    """``train.compile``: inductor traces the model, so the C kernels (ctypes calls) must
+    stay out of the graph; one compiled bf16 step matches the eager one."""
+    from moeforge.train.losses import lm_loss
+    from moeforge.train.pretrain import build_model
+
+    cfg = load_config("tiny", {"model.n_layers": 2, "train.progress": False})
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(load_config("tiny", {"model.n_layers": 2, "train.compile": compiled}), torch.device("cpu"))
+        loss = lm_loss(model(tokens[:, :-1], labels=tokens[:, 1:]), tokens[:, 1:], cfg.model)["loss"]
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[compiled] = loss.item()
+    assert abs(losses[True] - losses[False]) <= 0.01 * losses[False], losses

@@ -4,8 +4,9 @@
 :func:`forward` / :func:`backward` here first; they return None when the kernel does not
 apply, and the torch path runs instead. It applies to CPU tensors with bf16 x and dy
 (rows may be strided: the MLA latents are slices), an FP32 weight, and the kernel built
-(``MOEFORGE_NORM_KERNEL=0`` turns it off). FP32 models, DTensors and CUDA keep the torch
-path, whose results the kernel matches to FP32 rounding (not bit for bit: its sums run in
+(``MOEFORGE_NORM_KERNEL=0`` turns it off), not while torch.compile traces (a ctypes call
+on fake tensors would crash; inductor fuses the torch ops itself). FP32 models, DTensors
+and CUDA keep the torch path, whose results the kernel matches to FP32 rounding (not bit for bit: its sums run in
 another order), so the FP32 equality tests across parallel layouts are untouched.
 """
 
@@ -41,7 +42,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _applies(x: torch.Tensor, weight: torch.Tensor):
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.float32
-            or type(x) is not torch.Tensor or x.numel() == 0):
+            or type(x) is not torch.Tensor or x.numel() == 0 or torch.compiler.is_compiling()):
         return None
     return KERNEL.get()
 

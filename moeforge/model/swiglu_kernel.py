@@ -34,7 +34,7 @@ KERNEL = NativeLibrary(Path(__file__).with_name("csrc") / "swiglu_cpu.c", BASE_F
 def _lib(*ts: torch.Tensor):
     ok = all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 2
              for t in ts)
-    return KERNEL.get() if ok and ts[0].numel() > 0 else None
+    return KERNEL.get() if ok and ts[0].numel() > 0 and not torch.compiler.is_compiling() else None
 
 
 def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
