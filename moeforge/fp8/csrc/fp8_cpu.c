@@ -113,15 +113,18 @@ static inline void load_row(const void *x, int xtype, int64_t o, int64_t C, floa
     for (int64_t c = 0; c < C; c++) out[c] = f32_of_bits((uint32_t)xr[c] << 16);
 }
 
-/* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked */
-static inline void quant_row(const float *restrict xf, const float *restrict s, int64_t C,
+/* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked. xf is
+ * the caller's scratch row: the bf16 case writes the FP32 dequantized values over it and
+ * converts in a second loop (one loop with three output widths ran twice as long). */
+static inline void quant_row(float *restrict xf, const float *restrict s, int64_t C,
                              uint8_t *restrict q, void *dq, int dqtype) {
     if (dqtype == 0) { /* the value from the code's own rounding, not by decoding q */
         float *restrict d = (float *)dq;
         for (int64_t c = 0; c < C; c++) { float v; q[c] = e4m3_code_value(xf[c] / s[c], &v); d[c] = v * s[c]; }
     } else if (dqtype == 1) {
         uint16_t *restrict d = (uint16_t *)dq;
-        for (int64_t c = 0; c < C; c++) { float v; q[c] = e4m3_code_value(xf[c] / s[c], &v); d[c] = bf16_rne(v * s[c]); }
+        for (int64_t c = 0; c < C; c++) { float v; q[c] = e4m3_code_value(xf[c] / s[c], &v); xf[c] = v * s[c]; }
+        for (int64_t c = 0; c < C; c++) d[c] = bf16_rne(xf[c]);
     } else {
         for (int64_t c = 0; c < C; c++) q[c] = e4m3(xf[c] / s[c]);
     }
