@@ -65,35 +65,35 @@ static inline uint16_t bf16_rne(float f) { /* round to nearest even; NaN -> 0x7F
     return (uint16_t)((r & ~is_nan) | (0x7FC0u & is_nan));
 }
 
-/* FP32 -> E4M3 (fn), round to nearest even, saturating at 448 (c10's arithmetic): the
- * 8-bit code, and through *value the FP32 value of that code, from one shared rounding.
- * |y| below 2^-6 is subnormal: adding 2^14 leaves exactly the multiples of 2^-9 (the code
- * is that multiple, the value it minus 2^14); a normal keeps its top 3 mantissa bits,
- * rounded to nearest even, and its code is those bits with the exponent rebiased 127 -> 7.
- * Selects are bit masks so GCC vectorizes the loops that call this. */
-static inline uint8_t e4m3_code_value(float y, float *value) {
+/* FP32 -> E4M3 (fn), round to nearest even, saturating at 448 (c10's arithmetic). */
+static inline uint8_t e4m3(float y) {
+    uint32_t sign = (bits_of_f32(y) >> 24) & 0x80;
+    float a = fabsf(y);
+    int isnan_ = a != a;
+    a = a < 448.0f ? a : 448.0f;
+    uint32_t ab = bits_of_f32(a);
+    /* subnormal range (< 2^-6): adding 2^14 leaves exactly the multiples of 2^-9 */
+    uint32_t sub = bits_of_f32(a + 16384.0f) - (141u << 23);
+    uint32_t nrm = (ab + ((uint32_t)(7 - 127) << 23) + 0x7FFFF + ((ab >> 20) & 1)) >> 20;
+    uint32_t r = ab < (121u << 23) ? sub : nrm;
+    r = isnan_ ? 0x7F : r;
+    return (uint8_t)(r | sign);
+}
+
+/* The FP32 value of e4m3(y), computed without going through the 8-bit code (same
+ * rounding as e4m3(): the kept bits of a normal, or the multiple of 2^-9 of a subnormal) */
+static inline float e4m3_round(float y) {
     uint32_t sign = bits_of_f32(y) & 0x80000000u;
     float a = fabsf(y);
     uint32_t is_nan = -(uint32_t)(a != a);
     a = a < 448.0f ? a : 448.0f;
     uint32_t ab = bits_of_f32(a);
+    uint32_t sub = bits_of_f32((a + 16384.0f) - 16384.0f);
+    uint32_t nrm = (ab + 0x7FFFFu + ((ab >> 20) & 1u)) & 0xFFF00000u;
     uint32_t is_sub = -(uint32_t)(ab < (121u << 23));
-    float sa = a + 16384.0f;
-    uint32_t sub_code = bits_of_f32(sa) - (141u << 23);
-    uint32_t sub_val = bits_of_f32(sa - 16384.0f);
-    uint32_t nrm_val = (ab + 0x7FFFFu + ((ab >> 20) & 1u)) & 0xFFF00000u;
-    uint32_t nrm_code = (nrm_val >> 20) - ((127u - 7u) << 3);
-    uint32_t code = (sub_code & is_sub) | (nrm_code & ~is_sub);
-    uint32_t val = (sub_val & is_sub) | (nrm_val & ~is_sub);
-    code = (code & ~is_nan) | (0x7Fu & is_nan);
-    val = (val & ~is_nan) | (0x7FC00000u & is_nan);
-    *value = f32_of_bits(val | sign);
-    return (uint8_t)(code | (sign >> 24));
-}
-
-static inline uint8_t e4m3(float y) {
-    float unused;
-    return e4m3_code_value(y, &unused);
+    uint32_t r = (sub & is_sub) | (nrm & ~is_sub);
+    r = (r & ~is_nan) | (0x7FC00000u & is_nan);
+    return f32_of_bits(r | sign);
 }
 
 static inline float make_scale(float amax, float eps, int pow2) {
@@ -113,18 +113,15 @@ static inline void load_row(const void *x, int xtype, int64_t o, int64_t C, floa
     for (int64_t c = 0; c < C; c++) out[c] = f32_of_bits((uint32_t)xr[c] << 16);
 }
 
-/* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked. xf is
- * the caller's scratch row: the bf16 case writes the FP32 dequantized values over it and
- * converts in a second loop (one loop with three output widths ran twice as long). */
-static inline void quant_row(float *restrict xf, const float *restrict s, int64_t C,
+/* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked */
+static inline void quant_row(const float *restrict xf, const float *restrict s, int64_t C,
                              uint8_t *restrict q, void *dq, int dqtype) {
-    if (dqtype == 0) { /* the value from the code's own rounding, not by decoding q */
+    if (dqtype == 0) { /* one loop each, rounding y once more in FP32 rather than decoding q */
         float *restrict d = (float *)dq;
-        for (int64_t c = 0; c < C; c++) { float v; q[c] = e4m3_code_value(xf[c] / s[c], &v); d[c] = v * s[c]; }
+        for (int64_t c = 0; c < C; c++) { float y = xf[c] / s[c]; q[c] = e4m3(y); d[c] = e4m3_round(y) * s[c]; }
     } else if (dqtype == 1) {
         uint16_t *restrict d = (uint16_t *)dq;
-        for (int64_t c = 0; c < C; c++) { float v; q[c] = e4m3_code_value(xf[c] / s[c], &v); xf[c] = v * s[c]; }
-        for (int64_t c = 0; c < C; c++) d[c] = bf16_rne(xf[c]);
+        for (int64_t c = 0; c < C; c++) { float y = xf[c] / s[c]; q[c] = e4m3(y); d[c] = bf16_rne(e4m3_round(y) * s[c]); }
     } else {
         for (int64_t c = 0; c < C; c++) q[c] = e4m3(xf[c] / s[c]);
     }
