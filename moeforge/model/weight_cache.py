@@ -77,15 +77,11 @@ def cached(w: torch.Tensor, key: Hashable, make: Callable[[torch.Tensor], Any]) 
     return value
 
 
-def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return w.to(dtype)
-
-
 def cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w.to(dtype)`` (a detached copy for parameters), made once per optimizer step."""
     if w.dtype == dtype:
         return w
-    return cached(w, ("cast", dtype), lambda t: _cast(t, dtype))
+    return cached(w, ("cast", dtype), lambda t: t.to(dtype))
 
 
 def cached_bytes() -> int:
