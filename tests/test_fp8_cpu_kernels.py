@@ -109,6 +109,26 @@ def test_threads_split_gives_the_same_result():
         _same(a.dq, b.dq)
 
 
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (2, 130, 257)])
+@pytest.mark.parametrize("power_of_2", [False, True], ids=["fp32scale", "pow2"])
+def test_one_pass_retile_equals_dequantize_then_quantize(shape, power_of_2):
+    """The Wgrad re-tiling (1x128 E4M3 -> 128x1) in one C pass gives the bits of the torch
+    path's two steps: dequantize to FP32, quantize again."""
+    from moeforge.fp8.config import Fp8Config
+    from moeforge.fp8.linear import Fp8Ops
+
+    ops = Fp8Ops.for_device(Fp8Config(power_of_2_scales=power_of_2), torch.device("cpu"))
+    xq = quantize(_nasty(shape, torch.bfloat16, seed=5), (1, 128), power_of_2=power_of_2)
+    got = ops.retile(xq, "col")
+    with cpu_kernels.disabled():
+        ref = quantize(_torch_dequant(xq, torch.float32), (128, 1), power_of_2=power_of_2)
+        ref_dq = dequantize(ref, torch.bfloat16)
+    assert got.block == (128, 1)
+    _same(_bits(got.data), _bits(ref.data))
+    _same(got.scale, ref.scale)
+    _same(got.dq, ref_dq)
+
+
 def test_transposed_and_batched_dequantize():
     w = _nasty((4, 256, 384), torch.float32)
     wq = quantize(w, (128, 128))

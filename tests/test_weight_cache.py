@@ -13,6 +13,7 @@ from moeforge.config import load_config
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.linear import Fp8Ops, _quantize_used
 from moeforge.model import weight_cache
+from moeforge.model.expert_ffn import GroupedGemm
 from moeforge.train.losses import lm_loss
 from moeforge.train.optim import AdamW
 from moeforge.train.pretrain import build_model
@@ -101,6 +102,30 @@ def test_fp8_subset_of_experts_equals_quantizing_the_subset():
     assert torch.equal(got.dq, want.dq)
     with torch.no_grad():
         assert _quantize_used(ops, w, torch.arange(6)) is stack  # all used: the cached stack itself
+
+
+def test_stacked_form_follows_every_part():
+    """The experts' stacked [W1; W3] form lives on W1 and is remade when W3 alone changes."""
+    w1, w3 = _param(4, 128, 64, seed=1), _param(4, 128, 64, seed=3)
+    ops = Fp8Ops.for_device(Fp8Config(), torch.device("cpu"))
+    with torch.no_grad():
+        a, q = GroupedGemm._form((w1, w3), torch.bfloat16), ops.weight((w1, w3))
+        assert torch.equal(a, torch.cat([w1, w3], 1).to(torch.bfloat16))
+        assert GroupedGemm._form((w1, w3), torch.bfloat16) is a and ops.weight((w1, w3)) is q
+        w3.mul_(2.0)
+        b = GroupedGemm._form((w1, w3), torch.bfloat16)
+        assert b is not a and torch.equal(b[:, 128:], w3.to(torch.bfloat16)) and ops.weight((w1, w3)) is not q
+
+
+@pytest.mark.parametrize("rows", [(256, 128), (128, 100), (96, 64)])
+def test_stacked_fp8_blocks_equal_quantizing_the_concatenation(rows):
+    """Parts filling whole 128-row blocks are quantized straight into place (the C kernels)
+    and must equal quantizing the concatenated weight; other splits take that route."""
+    ops = Fp8Ops.for_device(Fp8Config(), torch.device("cpu"))
+    ps = tuple(torch.randn(3, r, 192) * (10.0 ** i) for i, r in enumerate(rows))
+    got, want = ops._quantize_stacked(ps), ops.quantize(torch.cat(ps, 1), "block")
+    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.dq, want.dq)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])

@@ -35,8 +35,8 @@ _XTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 def _configure(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.mf_quantize.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int,
-                                ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    lib.mf_quantize.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                                ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     lib.mf_dequantize.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     lib.mf_quantize.restype = lib.mf_dequantize.restype = ctypes.c_int
 
@@ -72,17 +72,35 @@ def _as3d(shape: torch.Size) -> tuple[int, int, int]:
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int], eps: float, power_of_2: bool,
-             dq_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             dq_dtype: torch.dtype | None = None,
+             out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+             x_scale: torch.Tensor | None = None, x_block: tuple[int, int] = (1, 1),
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """E4M3 data, FP32 scales ``[..., ceil(R/br), ceil(C/bc)]`` and optionally the
-    dequantized tensor in ``dq_dtype`` (fp32 or bf16), for a contiguous ``x [..., R, C]``."""
+    dequantized tensor in ``dq_dtype`` (fp32 or bf16), for a contiguous ``x [..., R, C]``.
+    ``out``: contiguous (data, scales, dq or None) to write into instead (slices of a
+    larger tensor, e.g. one part of a stacked weight). An E4M3 ``x`` with its scales
+    ``x_scale`` per ``x_block`` tile is re-tiled: the bits of dequantizing it to FP32 and
+    quantizing that, in one pass."""
     b, r, c = _as3d(x.shape)
     br, bc = block
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
-    s = torch.empty(*x.shape[:-2], -(-r // br), -(-c // bc), dtype=torch.float32)
-    dq = None if dq_dtype is None else torch.empty(x.shape, dtype=dq_dtype)
-    rc = library().mf_quantize(x.data_ptr(), _XTYPES[x.dtype], b, r, c, br, bc, eps, int(power_of_2), q.data_ptr(),
-                               s.data_ptr(), None if dq is None else dq.data_ptr(),
-                               -1 if dq is None else _XTYPES[dq_dtype], torch.get_num_threads())
+    if out is None:
+        q = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+        s = torch.empty(*x.shape[:-2], -(-r // br), -(-c // bc), dtype=torch.float32)
+        dq = None if dq_dtype is None else torch.empty(x.shape, dtype=dq_dtype)
+    else:
+        q, s, dq = out
+        assert all(t is None or t.is_contiguous() for t in out) and q.shape == x.shape, "out: contiguous, x's shape"
+        dq_dtype = None if dq is None else dq.dtype
+    if x.dtype == torch.float8_e4m3fn:
+        x_scale = x_scale.contiguous()  # held here: a temporary's pointer would dangle during the call
+        xtype = 2
+    else:
+        xtype = _XTYPES[x.dtype]
+    rc = library().mf_quantize(x.data_ptr(), xtype, None if xtype != 2 else x_scale.data_ptr(), *x_block,
+                               b, r, c, br, bc, eps, int(power_of_2), q.data_ptr(), s.data_ptr(),
+                               None if dq is None else dq.data_ptr(), -1 if dq is None else _XTYPES[dq_dtype],
+                               torch.get_num_threads())
     if rc != 0:
         raise RuntimeError("mf_quantize failed")
     return q, s, dq

@@ -10,7 +10,7 @@ GEMMs on blockwise-scaled E4M3 operands
   (square blocks make W.T's blocks W's blocks; the gradient is that of the function computed);
 - Wgrad  ``dW = dy.T @ x``  dy and x re-tiled 128x1 (128 tokens x 1 channel), so the scales
   again run along this GEMM's K, the token dimension. x comes from the FP8 copy saved in
-  the forward: dequantized and re-quantized, as V3 does.
+  the forward: dequantized and re-quantized, as V3 does (on CPU one C-kernel pass).
 
 Choices:
 
@@ -44,11 +44,12 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from moeforge.fp8 import cpu_kernels
 from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 from moeforge.model import recompute, weight_cache
-from moeforge.model.expert_ffn import repad_rows
+from moeforge.model.expert_ffn import Weight, parts, repad_rows, split_grad, stacked_form, stacked_shape
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,35 @@ class Fp8Ops:
             return kernels.quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2)
         return quantize(x, self._block(tile), eps=self.eps, power_of_2=self.power_of_2, dq_dtype=self.compute_dtype)
 
-    def weight(self, w: torch.Tensor) -> Fp8Tensor:
+    def weight(self, w: Weight) -> Fp8Tensor:
         """W's 128x128-block quantization, made once per optimizer step (``weight_cache``):
-        the forward GEMM and the backward Dgrad read the same blocks."""
-        return weight_cache.cached(w, ("fp8", self), lambda t: self.quantize(t, "block"))
+        the forward GEMM and the backward Dgrad read the same blocks. A tuple ``w`` is
+        quantized as its parts stacked along out (the experts' [W1; W3])."""
+        if isinstance(w, torch.Tensor):
+            return weight_cache.cached(w, ("fp8", self), lambda t: self.quantize(t, "block"))
+        return stacked_form(w, ("fp8", self), self._quantize_stacked)
+
+    def _quantize_stacked(self, ps: tuple[torch.Tensor, ...]) -> Fp8Tensor:
+        """Blocks of ``cat(ps, -2)``. When every part but the last fills whole blocks, no
+        block straddles two parts: each part's blocks are its own, and the C kernel writes
+        them straight into place (a concatenated FP32 copy cost ~13 ms per expert layer)."""
+        b = self.block
+        if (self.use_triton or not cpu_kernels.usable(ps[0]) or any(p.shape[-2] % b for p in ps[:-1])
+                or any(not p.is_contiguous() or p.dtype != ps[0].dtype for p in ps)):
+            return self.quantize(torch.cat(ps, -2), "block")
+        shape = stacked_shape(ps)
+        q = torch.empty(shape, dtype=torch.float8_e4m3fn)
+        s = torch.empty(*shape[:-2], -(-shape[-2] // b), -(-shape[-1] // b), dtype=torch.float32)
+        dq = torch.empty(shape, dtype=self.compute_dtype)
+        lead = [(i,) for i in range(ps[0].shape[0])] if ps[0].dim() == 3 else [()]
+        r = 0
+        for p in ps:
+            rows, srows = slice(r, r + p.shape[-2]), slice(r // b, -(-(r + p.shape[-2]) // b))
+            for i in lead:  # [E, R, C]: one call per expert, its rows of the stack are contiguous
+                cpu_kernels.quantize(p[i], (b, b), self.eps, self.power_of_2,
+                                     out=(q[i][rows], s[i][srows], dq[i][rows]))
+            r += p.shape[-2]
+        return Fp8Tensor(q, s, (b, b), dq)
 
     def quantize_many(self, x: torch.Tensor, tiles: tuple[str, ...]) -> list[Fp8Tensor]:
         """``x`` in several tilings, each with its dequantized operand on CPU (one C-kernel
@@ -95,7 +121,14 @@ class Fp8Ops:
 
     def retile(self, xq: Fp8Tensor, tile: str, pad: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Fp8Tensor:
         """Dequantize to FP32 (then ``pad``) and quantize again in ``tile``: V3's Wgrad
-        re-tiling of x. On CPU that FP32 tensor is ours, so it is divided in place."""
+        re-tiling of x. Without padding on CPU the C kernel does both in one pass (the
+        same bits, reading 1 byte per element instead of writing and re-reading 4);
+        otherwise that FP32 tensor is ours, so it is divided in place."""
+        if pad is None and not self.use_triton and xq.data.device.type == "cpu" and cpu_kernels.available():
+            q, s, dq = cpu_kernels.quantize(xq.data.contiguous(), self._block(tile), self.eps, self.power_of_2,
+                                            self.compute_dtype if self.compute_dtype in (torch.float32, torch.bfloat16)
+                                            else None, x_scale=xq.scale, x_block=xq.block)
+            return Fp8Tensor(q, s, self._block(tile), dq)
         x = xq.dequantize(torch.float32)
         if pad is not None:
             x = pad(x)
@@ -294,9 +327,9 @@ class Fp8GroupedGemm:
         return Fp8Tensor(repad_rows(op.data, counts, padded), repad_rows(op.scale, counts, padded), op.block,
                          None if op.dq is None else repad_rows(op.dq, counts, padded))
 
-    def forward(self, xq: Fp8Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        ops = self._ops(w)
-        n_used, idx = _used(counts, w.device)
+    def forward(self, xq: Fp8Tensor, w: Weight, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        ops = self._ops(parts(w)[0])
+        n_used, idx = _used(counts, parts(w)[0].device)
         return ops.grouped_gemm(xq, _quantize_used(ops, w, idx), n_used, dtype)
 
     def wgrad_input(self, x: Fp8Tensor | torch.Tensor, counts: list[int]) -> Fp8Tensor:
@@ -304,13 +337,15 @@ class Fp8GroupedGemm:
         padded = _aligned(n_used, self.cfg.block_size)
         pad = lambda t: repad_rows(t, n_used, padded)  # noqa: E731  each expert's rows to whole 128-row tiles
         if isinstance(x, Fp8Tensor):
+            if padded == n_used:  # whole tiles already (CPU pads rows to GroupedExperts.row_bucket)
+                pad = None
             return self._ops(x.data).retile(x, "col", pad)
         return self._ops(x).quantize(pad(x), "col")
 
-    def grads(self, dy: torch.Tensor, x_col: Fp8Tensor | None, w: torch.Tensor, counts: list[int],
-              need_dx: bool, need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def grads(self, dy: torch.Tensor, x_col: Fp8Tensor | None, w: Weight, counts: list[int],
+              need_dx: bool, need_dw: bool):
         ops = self._ops(dy)
-        n_used, idx = _used(counts, w.device)
+        n_used, idx = _used(counts, dy.device)
         padded = _aligned(n_used, ops.block)
         dy_p = repad_rows(dy, n_used, padded) if need_dw else dy
         dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_dx, need_dw)
@@ -318,8 +353,13 @@ class Fp8GroupedGemm:
         if need_dx:  # only Dgrad reads W
             dx = ops.grouped_gemm(dy_row, _quantize_used(ops, w, idx).t(), n_used, dy.dtype)
         if need_dw:
-            dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, w.dtype, k_grouped=True)
-            dw = dw_used if len(n_used) == w.shape[0] else dw_used.new_zeros(w.shape).index_copy_(0, idx, dw_used)
+            # a stacked weight's dW stays in the GEMM's dtype until split_grad casts each part
+            single = isinstance(w, torch.Tensor) or ops.use_triton
+            dw_used = ops.grouped_gemm(dy_col.t(), x_col.t(), padded, parts(w)[0].dtype if single else dy.dtype,
+                                       k_grouped=True)
+            shape = stacked_shape(w)
+            dw = dw_used if len(n_used) == shape[0] else dw_used.new_zeros(shape).index_copy_(0, idx, dw_used)
+            dw = split_grad(dw, w)
         return dx, dw
 
 
@@ -333,13 +373,15 @@ def _aligned(counts: list[int], b: int) -> list[int]:
     return [-(-c // b) * b for c in counts]
 
 
-def _quantize_used(ops: Fp8Ops, w: torch.Tensor, idx: torch.Tensor) -> Fp8Tensor:
+def _quantize_used(ops: Fp8Ops, w: Weight, idx: torch.Tensor) -> Fp8Tensor:
     """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens (selected
     from the whole stack's, which ``weight_cache`` keeps for the step)."""
-    if len(idx) == w.shape[0]:
+    first = parts(w)[0]
+    if len(idx) == first.shape[0]:
         return ops.weight(w)
-    if not weight_cache.cacheable(w):  # nothing to reuse: quantize only the used experts
-        return ops.quantize(w.index_select(0, idx), "block")
+    if not weight_cache.cacheable(first):  # nothing to reuse: quantize only the used experts
+        picked = tuple(p.index_select(0, idx) for p in parts(w))
+        return ops.weight(picked[0] if isinstance(w, torch.Tensor) else picked)
     q = ops.weight(w)
     pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
     return Fp8Tensor(pick(q.data), pick(q.scale), q.block, pick(q.dq))

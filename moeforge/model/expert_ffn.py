@@ -12,6 +12,16 @@ Choices:
   the SwiGLU inputs and recomputes its output h = silu(a) * b in backward; with FP8 those
   inputs (and x) are E4M3 with 1x128 scales, so there h is recomputed from their
   dequantized values, as published.
+- The gate and up projections are one GEMM on the stacked weights [W1; W3] (each
+  expert's rows of W1, then of W3): ``ab = x [W1; W3]^T`` is [T, 2I], a and b its two
+  halves. Per-expert GEMMs are small (256 x 512 x 256 on the small preset) and ran at
+  about half the rate of one large GEMM; twice the width and half the calls made the
+  gate/up GEMMs ~1.3x faster, forward and backward (Dgrad ``dab [W1; W3]`` is one GEMM
+  with K = 2I, no ``dxa + dxb`` pass; Wgrad one GEMM giving both dWs). The stacked form
+  is made once per optimizer step by ``weight_cache`` (its bf16 cast, or under FP8 its
+  128x128 blocks: with I a multiple of 128 these are W1's and W3's own blocks), so it
+  costs no more memory than the two separate forms did. The SwiGLU inputs are saved as
+  the one tensor ``ab``.
 - The routing weight is applied inside. Its gradient is dL/dg_i = <dout_i, y_i> with
   y_i = W2 h_i, the expert's output row, which the MoE combine used to keep for it (8 MB
   per layer on the small preset). <dout_i, W2 h_i> = <dout_i W2, h_i>, and dout W2 is the
@@ -36,9 +46,12 @@ Choices:
   ``value(kept, dtype)``     the tensor back from ``keep`` / ``input`` (dequantized)
   ``pack(op)`` / ``unpack``  an operand as a tuple of tensors for ``save_for_backward``
   ``repad(op, c, p)``        :func:`repad_rows` on an operand
-  ``forward(op, w, c, dtype)`` y = x @ w[e].T per expert group, in ``dtype``
+  ``forward(op, w, c, dtype)`` y = x @ w[e].T per expert group, in ``dtype``; ``w`` is one
+                             [E, out, in] stack or a tuple of them stacked along out
+                             (:data:`Weight`)
   ``wgrad_input(op, c)``     the operand as the weight-gradient GEMM reads it
-  ``grads(dy, xw, w, c, need_dx, need_dw)``   (dx, dw) of one grouped linear
+  ``grads(dy, xw, w, c, need_dx, need_dw)``   (dx, dw) of one grouped linear; for a
+                             tuple ``w``, dw is the tuple of its parts' gradients
   ========================== ===========================================================
 
 - :func:`grouped_linear_fn` is one grouped linear with the same ops (benchmarks, tests and
@@ -74,6 +87,44 @@ def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
+Weight = torch.Tensor | tuple[torch.Tensor, ...]  # [E, out, in], or parts stacked along out
+
+
+def parts(w: Weight) -> tuple[torch.Tensor, ...]:
+    return (w,) if isinstance(w, torch.Tensor) else tuple(w)
+
+
+def stacked_shape(w: Weight) -> torch.Size:
+    """Shape of ``torch.cat(parts(w), -2)``."""
+    ps = parts(w)
+    return torch.Size((*ps[0].shape[:-2], sum(p.shape[-2] for p in ps), ps[0].shape[-1]))
+
+
+def stacked_form(w: Weight, key, make):
+    """``make(parts)`` for the stacked weight, made once per optimizer step (``weight_cache``,
+    held by the first part and remade when any part changes)."""
+    ps = parts(w)
+    return weight_cache.cached(ps[0], key, lambda _: make(tuple(p.detach() for p in ps)), deps=ps[1:])
+
+
+def split_grad(dw: torch.Tensor, w: Weight):
+    """The stacked weight's gradient -> each part's, contiguous, in the part's dtype (one
+    cast pass, as for an unstacked weight)."""
+    if isinstance(w, torch.Tensor):
+        return dw.to(w.dtype)
+    pieces = dw.split([p.shape[-2] for p in w], -2)
+    return tuple(g.to(p.dtype, memory_format=torch.contiguous_format) for g, p in zip(pieces, w))
+
+
+def _stacked_cast(ps: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(stacked_shape(ps), dtype=dtype, device=ps[0].device)
+    r = 0
+    for p in ps:  # cast straight into place: no FP32 concatenation
+        out[..., r : r + p.shape[-2], :].copy_(p)
+        r += p.shape[-2]
+    return out
+
+
 class GroupedGemm:
     """Grouped GEMMs in the activations' dtype (bf16 on the CPU's AMX units); the master
     weight's cast comes from ``weight_cache`` (made once per optimizer step), so backward
@@ -96,18 +147,24 @@ class GroupedGemm:
     def repad(self, op: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
         return repad_rows(op, counts, padded)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch._grouped_mm(x, weight_cache.cast(w, x.dtype).transpose(-2, -1), offs=_offsets(counts, x.device))
+    @staticmethod
+    def _form(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(w, torch.Tensor):
+            return weight_cache.cast(w, dtype)
+        return stacked_form(w, ("cast", dtype), lambda ps: _stacked_cast(ps, dtype))
+
+    def forward(self, x: torch.Tensor, w: Weight, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch._grouped_mm(x, self._form(w, x.dtype).transpose(-2, -1), offs=_offsets(counts, x.device))
 
     def wgrad_input(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return x
 
-    def grads(self, dy: torch.Tensor, x: torch.Tensor | None, w: torch.Tensor, counts: list[int],
-              need_dx: bool, need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def grads(self, dy: torch.Tensor, x: torch.Tensor | None, w: Weight, counts: list[int],
+              need_dx: bool, need_dw: bool):
         offs = _offsets(counts, dy.device)
-        dx = torch._grouped_mm(dy, weight_cache.cast(w, dy.dtype), offs=offs) if need_dx else None
+        dx = torch._grouped_mm(dy, self._form(w, dy.dtype), offs=offs) if need_dx else None
         # K-grouped over tokens: [out, T] x [T, in] -> [E, out, in], W's own layout
-        dw = torch._grouped_mm(dy.t(), x, offs=offs).to(w.dtype) if need_dw else None
+        dw = split_grad(torch._grouped_mm(dy.t(), x, offs=offs), w) if need_dw else None
         return dx, dw
 
 
@@ -141,16 +198,17 @@ class _ExpertFFNFn(torch.autograd.Function):
     def forward(ctx, x, gate, w1, w2, w3, counts, padded, ops):
         xo = ops.input(x)
         xp = ops.repad(xo, counts, padded)
-        a, b = ops.forward(xp, w1, padded, x.dtype), ops.forward(xp, w3, padded, x.dtype)
-        h = swiglu_kernel.forward(a, b)
+        ab = ops.forward(xp, (w1, w3), padded, x.dtype)  # [a | b]: the gate and up projections
+        h = swiglu_kernel.forward(ab)
         if h is None:
+            a, b = ab.split(w1.shape[1], -1)
             h = F.silu(a) * b
         y = ops.repad(ops.forward(ops.input(h), w2, padded, x.dtype), padded, counts)
-        kept = [xo] + [ops.repad(ops.keep(t), padded, counts) for t in (a, b)]
+        kept = [xo, ops.repad(ops.keep(ab), padded, counts)]
         packs = [ops.pack(k) for k in kept]
         ctx.sizes = [len(p) for p in packs]
         ctx.save_for_backward(*[t for p in packs for t in p], gate, w1, w2, w3)
-        ctx.counts, ctx.padded, ctx.ops, ctx.dtype = counts, padded, ops, a.dtype
+        ctx.counts, ctx.padded, ctx.ops, ctx.dtype = counts, padded, ops, ab.dtype
         return y * gate.to(y.dtype).unsqueeze(-1)
 
     @staticmethod
@@ -164,31 +222,31 @@ class _ExpertFFNFn(torch.autograd.Function):
         gate, w1, w2, w3 = saved
         need_x, need_gate, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:5]
         xp = ops.repad(kept[0], counts, padded)
-        a, b = (ops.repad(ops.value(k, dt), counts, padded) for k in kept[1:])
+        ab = ops.repad(ops.value(kept[1], dt), counts, padded)
         dout_p = ops.repad(dout, counts, padded)
         gate_p = ops.repad(gate.to(dout.dtype).unsqueeze(-1), counts, padded)  # padding rows weigh 0
         g, _ = ops.grads(dout_p, None, w2, padded, True, False)  # dout W2, unweighted
         # the SwiGLU output h recomputed (V3 TR 3.3.2), the routing weight's gradient
         # <dout, W2 h> = <dout W2, h>, and dh = g * gate through silu(a) * b: one C pass
-        done = swiglu_kernel.backward(a, b, g, gate_p, need_gate)
+        done = swiglu_kernel.backward(ab, g, gate_p, need_gate)
         if done is not None:
-            h, dgate_p, da, db = done
+            h, dgate_p, dab = done
         else:
+            a, b = ab.split(w1.shape[1], -1)
             silu_a = F.silu(a)
             h = silu_a * b
             dgate_p = (g.float() * h.float()).sum(-1) if need_gate else None
             dh = g * gate_p
-            da = torch.ops.aten.silu_backward(dh * b, a)
-            db = dh * silu_a
+            dab = torch.cat([torch.ops.aten.silu_backward(dh * b, a), dh * silu_a], -1)
         d_gate = ops.repad(dgate_p, padded, counts).to(gate.dtype) if need_gate else None
         dw2 = None
         if need_w2:
             dw2 = ops.grads(dout_p * gate_p, ops.wgrad_input(h, padded), w2, padded, False, True)[1]
         xw = ops.wgrad_input(xp, padded) if (need_w1 or need_w3) else None
-        dxa, dw1 = ops.grads(da, xw, w1, padded, need_x, need_w1)
-        dxb, dw3 = ops.grads(db, xw, w3, padded, need_x, need_w3)
-        dx = ops.repad(dxa + dxb, padded, counts) if need_x else None
-        return dx, d_gate, dw1, dw2, dw3, None, None, None
+        dx, dw13 = ops.grads(dab, xw, (w1, w3), padded, need_x, need_w1 or need_w3)
+        dw1, dw3 = dw13 if dw13 is not None else (None, None)
+        dx = ops.repad(dx, padded, counts) if need_x else None
+        return dx, d_gate, dw1 if need_w1 else None, dw2, dw3 if need_w3 else None, None, None, None
 
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,

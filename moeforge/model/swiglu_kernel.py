@@ -2,6 +2,11 @@
 (``csrc/swiglu_cpu.c``): ``h = silu(a) * b`` forward, and the whole backward around the
 down projection's Dgrad (recomputed h, the routing weight's gradient, da, db) in one pass.
 
+Both directions use the fused gate/up layout of ``expert_ffn.py``: ``ab`` [N, 2D] holds a
+(the gate projection) and b (the up projection) side by side, as one GEMM on the stacked
+weights [W1; W3] wrote them, and backward writes ``dab`` in the same layout for the fused
+Dgrad and Wgrad GEMMs.
+
 ``expert_ffn.py`` calls :func:`forward` / :func:`backward` first; they return None when
 the kernel does not apply (not CPU, not bf16, kernel unbuildable or
 ``MOEFORGE_SWIGLU_KERNEL=0``) and the torch path runs instead. Results agree with the
@@ -21,9 +26,9 @@ from moeforge.native import BASE_FLAGS, NativeLibrary
 
 def _configure(lib: ctypes.CDLL) -> None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.mf_swiglu_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i32]
+    lib.mf_swiglu_fwd.argtypes = [ptr, ptr, i64, i64, i32]
     lib.mf_swiglu_fwd.restype = None
-    lib.mf_swiglu_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
+    lib.mf_swiglu_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i32]
     lib.mf_swiglu_bwd.restype = None
 
 
@@ -37,28 +42,29 @@ def _lib(*ts: torch.Tensor):
     return KERNEL.get() if ok and ts[0].numel() > 0 and not torch.compiler.is_compiling() else None
 
 
-def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``silu(a) * b`` for bf16 [N, D] a and b, or None (use the torch path)."""
-    lib = _lib(a, b)
+def forward(ab: torch.Tensor) -> torch.Tensor | None:
+    """``silu(a) * b`` for bf16 ``ab = [a | b]`` [N, 2D] -> [N, D], or None (use the torch path)."""
+    lib = _lib(ab)
     if lib is None:
         return None
-    a, b = a.contiguous(), b.contiguous()
-    h = torch.empty_like(a)
-    lib.mf_swiglu_fwd(a.data_ptr(), b.data_ptr(), h.data_ptr(), a.shape[0], a.shape[1], torch.get_num_threads())
+    ab = ab.contiguous()
+    n, d = ab.shape[0], ab.shape[1] // 2
+    h = ab.new_empty(n, d)
+    lib.mf_swiglu_fwd(ab.data_ptr(), h.data_ptr(), n, d, torch.get_num_threads())
     return h
 
 
-def backward(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, gate: torch.Tensor, need_gate: bool):
-    """(h, dgate [N] FP32 or None, da, db) for bf16 [N, D] a, b, g (= dout W2) and bf16
-    routing weights ``gate`` [N] or [N, 1]; or None (use the torch path)."""
-    lib = _lib(a, b, g)
+def backward(ab: torch.Tensor, g: torch.Tensor, gate: torch.Tensor, need_gate: bool):
+    """(h, dgate [N] FP32 or None, dab = [da | db]) for bf16 ``ab = [a | b]`` [N, 2D],
+    g (= dout W2) [N, D] and bf16 routing weights ``gate`` [N] or [N, 1]; or None (use the
+    torch path)."""
+    lib = _lib(ab, g)
     if lib is None or gate.dtype != torch.bfloat16:
         return None
-    a, b, g, gate = a.contiguous(), b.contiguous(), g.contiguous(), gate.reshape(-1).contiguous()
-    n, d = a.shape
-    h, da, db = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    ab, g, gate = ab.contiguous(), g.contiguous(), gate.reshape(-1).contiguous()
+    n, d = g.shape
+    h, dab = torch.empty_like(g), torch.empty_like(ab)
     dgate = torch.empty(n, dtype=torch.float32) if need_gate else None
-    lib.mf_swiglu_bwd(a.data_ptr(), b.data_ptr(), g.data_ptr(), gate.data_ptr(), h.data_ptr(),
-                      None if dgate is None else dgate.data_ptr(), da.data_ptr(), db.data_ptr(), n, d,
-                      torch.get_num_threads())
-    return h, dgate, da, db
+    lib.mf_swiglu_bwd(ab.data_ptr(), g.data_ptr(), gate.data_ptr(), h.data_ptr(),
+                      None if dgate is None else dgate.data_ptr(), dab.data_ptr(), n, d, torch.get_num_threads())
+    return h, dgate, dab

@@ -42,7 +42,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-_FORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {key: (epoch, version, value)}
+_FORMS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # param -> {key: (epoch, versions, value)}
 _EPOCH = 0
 enabled = True  # module switch: False makes every form on each use (A/B, tests)
 
@@ -60,20 +60,25 @@ def cacheable(w: torch.Tensor) -> bool:
             and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling())
 
 
-def cached(w: torch.Tensor, key: Hashable, make: Callable[[torch.Tensor], Any]) -> Any:
-    """``make(w)``, remembered for parameter ``w`` under ``key`` until the weights change."""
-    if not cacheable(w):
+def cached(w: torch.Tensor, key: Hashable, make: Callable[[torch.Tensor], Any],
+           deps: tuple[torch.Tensor, ...] = ()) -> Any:
+    """``make(w)``, remembered for parameter ``w`` under ``key`` until the weights change.
+    ``deps``: other parameters the form is made from too (the routed experts' stacked
+    [W1; W3]); it is also remade when any of them changes."""
+    if not cacheable(w) or not all(cacheable(d) for d in deps):
         return make(w)
     forms = _FORMS.get(w)
     if forms is None:
         forms = _FORMS[w] = {}
+    key = (key, *map(id, deps)) if deps else key
+    versions = (w._version, *(d._version for d in deps))
     hit = forms.get(key)
-    if hit is not None and hit[0] == _EPOCH and hit[1] == w._version:
+    if hit is not None and hit[0] == _EPOCH and hit[1] == versions:
         return hit[2]
     forms.pop(key, None)  # the stale form goes before the new one is made: peak memory
     with torch.no_grad():
         value = make(w.detach())
-    forms[key] = (_EPOCH, w._version, value)
+    forms[key] = (_EPOCH, versions, value)
     return value
 
 

@@ -24,7 +24,8 @@
 #include <string.h>
 
 typedef struct {
-    const void *x; int xtype; /* 0 fp32, 1 bf16 */
+    const void *x; int xtype; /* 0 fp32, 1 bf16, 2 E4M3 with scales xscale per xbr x xbc tile */
+    const float *xscale; int64_t xbr, xbc;
     int64_t B, R, C, br, bc;
     float eps; int pow2;
     uint8_t *q; float *scale; void *dq; int dqtype; /* -1 none, 0 fp32, 1 bf16 */
@@ -106,11 +107,25 @@ static inline float make_scale(float amax, float eps, int pow2) {
     return s;
 }
 
-/* row r of x as FP32 into out[0:C] */
-static inline void load_row(const void *x, int xtype, int64_t o, int64_t C, float *restrict out) {
-    if (xtype == 0) { memcpy(out, (const float *)x + o, sizeof(float) * (size_t)C); return; }
-    const uint16_t *restrict xr = (const uint16_t *)x + o;
-    for (int64_t c = 0; c < C; c++) out[c] = f32_of_bits((uint32_t)xr[c] << 16);
+/* row r of matrix b of x as FP32 into out[0:C]. An E4M3 x (the Wgrad re-tiling) is
+ * dequantized exactly as mf_dequantize does to FP32, value(q) * s, so re-tiling in one
+ * pass gives the bits of dequantize-then-quantize without the FP32 tensor in between. */
+static inline void load_row(const qjob *j, int64_t b, int64_t r, float *restrict out) {
+    const int64_t C = j->C, o = (b * j->R + r) * C;
+    if (j->xtype == 0) { memcpy(out, (const float *)j->x + o, sizeof(float) * (size_t)C); return; }
+    if (j->xtype == 1) {
+        const uint16_t *restrict xr = (const uint16_t *)j->x + o;
+        for (int64_t c = 0; c < C; c++) out[c] = f32_of_bits((uint32_t)xr[c] << 16);
+        return;
+    }
+    const uint8_t *restrict qr = (const uint8_t *)j->x + o;
+    const int64_t nbr = (j->R + j->xbr - 1) / j->xbr, nbc = (C + j->xbc - 1) / j->xbc;
+    const float *sr = j->xscale + (b * nbr + r / j->xbr) * nbc;
+    for (int64_t t = 0; t < nbc; t++) {
+        const int64_t c0 = t * j->xbc, c1 = c0 + j->xbc < C ? c0 + j->xbc : C;
+        const float st = sr[t];
+        for (int64_t c = c0; c < c1; c++) out[c] = e4m3_value(qr[c]) * st;
+    }
 }
 
 /* q = E4M3(xf / s) for one row (s per column), and the dequantized row if asked */
@@ -144,7 +159,7 @@ static void quant_items(const qjob *j) {
         const int64_t base = b * R * C;
         float *srow = j->scale + (b * nbr + band) * nbc;
         if (br == 1) { /* 1 x bc tiles: one row, read once into xf */
-            load_row(j->x, j->xtype, base + r0 * C, C, xf);
+            load_row(j, b, r0, xf);
             for (int64_t t = 0; t < nbc; t++) {
                 const int64_t c0 = t * bc, c1 = c0 + bc < C ? c0 + bc : C;
                 srow[t] = make_scale(f32_of_bits(max_abs_bits(xf + c0, c1 - c0)), j->eps, j->pow2);
@@ -157,7 +172,7 @@ static void quant_items(const qjob *j) {
         uint32_t *restrict cm = (uint32_t *)colmax;
         for (int64_t c = 0; c < C; c++) cm[c] = 0;
         for (int64_t r = r0; r < r1; r++) {
-            load_row(j->x, j->xtype, base + r * C, C, xf);
+            load_row(j, b, r, xf);
             const uint32_t *restrict u = (const uint32_t *)xf;
             for (int64_t c = 0; c < C; c++) { uint32_t v = u[c] & 0x7FFFFFFFu; cm[c] = v > cm[c] ? v : cm[c]; }
         }
@@ -167,7 +182,7 @@ static void quant_items(const qjob *j) {
             for (int64_t c = c0; c < c1; c++) s[c] = srow[t];
         }
         for (int64_t r = r0; r < r1; r++) {
-            load_row(j->x, j->xtype, base + r * C, C, xf);
+            load_row(j, b, r, xf);
             quant_row(xf, s, C, j->q + base + r * C, dq_at(j, base + r * C), j->dqtype);
         }
     }
@@ -214,8 +229,9 @@ static void dequant_items(const djob *j) {
 /* Work split: contiguous item ranges over OpenMP threads. The library links libgomp.so.1,
  * which is the very runtime torch's CPU wheel loads, so these are torch's own (already
  * spinning) worker threads: pthreads of our own would compete with them for the cores. */
-int mf_quantize(const void *x, int xtype, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc,
-                float eps, int pow2, uint8_t *q, float *scale, void *dq, int dqtype, int nthreads) {
+int mf_quantize(const void *x, int xtype, const float *xscale, int64_t xbr, int64_t xbc, int64_t B, int64_t R,
+                int64_t C, int64_t br, int64_t bc, float eps, int pow2, uint8_t *q, float *scale, void *dq,
+                int dqtype, int nthreads) {
     const int64_t items = B * ((R + br - 1) / br);
     if (items == 0 || C == 0) return 0;
     if (nthreads < 1) nthreads = 1;
@@ -224,7 +240,7 @@ int mf_quantize(const void *x, int xtype, int64_t B, int64_t R, int64_t C, int64
     if (B * R * C < (1 << 16)) nthreads = 1; /* too little work to share */
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
     for (int t = 0; t < nthreads; t++) {
-        qjob j = {x, xtype, B, R, C, br, bc, eps, pow2, q, scale, dq, dqtype,
+        qjob j = {x, xtype, xscale, xbr, xbc, B, R, C, br, bc, eps, pow2, q, scale, dq, dqtype,
                   items * t / nthreads, items * (t + 1) / nthreads};
         quant_items(&j);
     }
