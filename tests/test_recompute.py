@@ -11,15 +11,16 @@ import torch.nn.functional as F
 from moeforge.config import load_config
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import dequantize, quantize
-from moeforge.model import norm_kernel, recompute
+from moeforge.model import attention_kernel, norm_kernel, recompute
 from moeforge.model.transformer import Transformer
 
 
 @pytest.fixture(autouse=True)
 def _torch_norms():
-    """Bit-identity is a property of recomputation: compare with the torch RMSNorm on both
-    sides (the bf16 C kernel sums in another order; tests/test_norm_kernel.py checks it)."""
-    with norm_kernel.KERNEL.disabled():
+    """Bit-identity is a property of recomputation: compare with the torch RMSNorm and the
+    flash-attention backward on both sides (the bf16 C kernels sum in another order;
+    tests/test_norm_kernel.py and tests/test_attention_kernel.py check them)."""
+    with norm_kernel.KERNEL.disabled(), attention_kernel.KERNEL.disabled():
         yield
 
 

@@ -1,0 +1,88 @@
+"""Causal attention backward on CPU as batched GEMMs around one C pass (``csrc/attn_bwd_cpu.c``).
+
+torch's CPU flash-attention backward ran at ~60 GFLOP/s on the small preset (64 heads of
+256 x 256 tokens, head dim 96): ~11% of a bf16 step, the largest cost after the GEMMs.
+At such lengths the probabilities fit in memory, so :func:`backward` recomputes them and
+runs the five products as batched GEMMs:
+
+    s  = q k^T            (FP32: exp amplifies errors in the logits; bf16 scores doubled
+    dp = do v^T            the gradient error of the flash kernel, FP32 ones match it)
+    p, ds                 (the C pass: p = exp(s * scale - lse), ds = p (dp - <do, o>) scale,
+                           causal mask, each rounded once to bf16)
+    dv = p^T do,  dq = ds k,  dk = ds^T q      (bf16 GEMMs with FP32 accumulation)
+
+Choices:
+
+- Heads are processed in chunks so the FP32 scores and their bf16 companions stay below
+  ~24 MB at a time, whatever the batch; sequences longer than :data:`MAX_KEYS_X_QUERIES`
+  per head (where the S x S matrices outgrow the caches and flash's tiling wins) keep
+  the flash kernel.
+- V may be zero-padded beyond ``vdim`` (MLA pads it to the q/k width for the fused CPU
+  SDPA); the products use only its first ``vdim`` columns and dV's padding is zero.
+- Applies to bf16 CPU tensors with the kernel built (``MOEFORGE_ATTN_KERNEL=0`` turns it
+  off), not under torch.compile; :func:`backward` returns None otherwise and the caller
+  runs the flash backward. Gradients agree with it to bf16 rounding (tests compare both
+  with an FP64 reference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from moeforge.native import BASE_FLAGS, NativeLibrary
+
+MAX_KEYS_X_QUERIES = 1 << 21  # S * T per head: up to ~1448 x 1448 tokens
+CHUNK_ELEMENTS = 1 << 21  # S * T * heads per chunk: 8 MB of FP32 scores
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.mf_attn_probs_bwd.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, ptr, ptr, i32]
+    lib.mf_attn_probs_bwd.restype = None
+
+
+KERNEL = NativeLibrary(Path(__file__).with_name("csrc") / "attn_bwd_cpu.c", BASE_FLAGS, _configure,
+                       "MOEFORGE_ATTN_KERNEL", "attention-backward kernel")
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, scale: float, vdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(dq, dk, dv) of causal ``softmax(q k^T * scale) v`` for [B, H, S, D] bf16 q, k, v
+    (V zero beyond ``vdim``), the forward's ``out`` and log-sum-exp ``lse`` [B, H, S]
+    and the output gradient ``do``; or None (use the flash backward)."""
+    ts = (do, q, k, v, out)
+    if (any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in ts)
+            or lse.dtype != torch.float32 or torch.compiler.is_compiling() or q.numel() == 0):
+        return None
+    b, h, s, d = q.shape
+    t = k.shape[2]
+    if s * t > MAX_KEYS_X_QUERIES or t != s:  # training's causal self-attention only
+        return None
+    lib = KERNEL.get()
+    if lib is None:
+        return None
+    n = b * h
+    q3, k3, v3 = (x.reshape(n, -1, d) for x in (q, k, v))
+    do3, o3 = (x.reshape(n, s, d)[..., :vdim] for x in (do, out))
+    lse2 = lse.reshape(n, s)
+    dq, dk = torch.empty(n, s, d, dtype=q.dtype), torch.empty(n, t, d, dtype=q.dtype)
+    dv = torch.zeros(n, t, d, dtype=q.dtype)
+    step = max(1, CHUNK_ELEMENTS // (s * t))
+    for c0 in range(0, n, step):
+        c = slice(c0, min(n, c0 + step))
+        dof = do3[c].float()
+        scores = torch.bmm(q3[c].float(), k3[c].float().transpose(1, 2))
+        dp = torch.bmm(dof, v3[c][..., :vdim].float().transpose(1, 2))
+        dsum = (dof * o3[c].float()).sum(-1).contiguous()
+        lse_c = lse2[c].contiguous()
+        p, ds = torch.empty(scores.shape, dtype=q.dtype), torch.empty(scores.shape, dtype=q.dtype)
+        lib.mf_attn_probs_bwd(scores.data_ptr(), dp.data_ptr(), lse_c.data_ptr(), dsum.data_ptr(), scores.shape[0],
+                              s, t, float(scale), 1, p.data_ptr(), ds.data_ptr(), torch.get_num_threads())
+        del scores, dp
+        dv[c, :, :vdim] = torch.bmm(p.transpose(1, 2), do3[c])
+        torch.bmm(ds, k3[c], out=dq[c])
+        torch.bmm(ds.transpose(1, 2), q3[c], out=dk[c])
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)

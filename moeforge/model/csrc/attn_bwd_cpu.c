@@ -1,0 +1,40 @@
+/* Causal attention backward on CPU: the softmax part between the GEMMs, in one pass.
+ *
+ * Why: torch's CPU flash-attention backward ran at ~60 GFLOP/s on the small preset's
+ * shapes (64 heads of 256 x 256, head dim 96), ~11% of a bf16 step. At these lengths the
+ * probabilities fit in memory, so attention_kernel.py computes the backward as five
+ * batched GEMMs on the AMX/MKL units and leaves this kernel only the elementwise work in
+ * between, which eager torch spread over ~8 passes over [heads, S, S] FP32 tensors:
+ *
+ *   p[i, j]  = exp(s[i, j] * scale - lse[i])        for j <= i (+ offset), else 0
+ *   ds[i, j] = p[i, j] * (dp[i, j] - dsum[i]) * scale
+ *
+ * with s = q k^T and dp = do v^T in FP32, lse the forward's log-sum-exp and dsum[i] =
+ * <do_i, o_i>. Both outputs are rounded once to bf16 (the operands of the dV, dQ and dK
+ * GEMMs). exp is exp_nonpos (mf_bits.h): arguments are <= 0 up to rounding. Rows above the
+ * diagonal are written as zeros without computing anything.
+ */
+#include <stdint.h>
+
+#include "mf_bits.h"
+
+/* s, dp [N, S, T] FP32 contiguous; lse, dsum [N, S] FP32; p, ds [N, S, T] bf16 out.
+ * Row i of a causal block may see keys j <= i + (T - S). */
+void mf_attn_probs_bwd(const float *s, const float *dp, const float *lse, const float *dsum, int64_t N, int64_t S,
+                       int64_t T, float scale, int causal, uint16_t *p, uint16_t *ds, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < N * S; r++) {
+        const int64_t i = r % S, o = r * T;
+        int64_t end = causal ? i + (T - S) + 1 : T;
+        if (end > T) end = T;
+        if (end < 0) end = 0;
+        const float l = lse[r], d = dsum[r];
+#pragma omp simd
+        for (int64_t j = 0; j < end; j++) {
+            float pv = exp_nonpos(s[o + j] * scale - l);
+            p[o + j] = bf16_round(pv);
+            ds[o + j] = bf16_round(pv * (dp[o + j] - d) * scale);
+        }
+        for (int64_t j = end; j < T; j++) { p[o + j] = 0; ds[o + j] = 0; }
+    }
+}
