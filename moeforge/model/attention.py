@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import ModelConfig
-from moeforge.model import recompute
+from moeforge.model import mla_kernel, recompute
 from moeforge.model.layers import Linear, RMSNorm, Rotary, yarn_softmax_mscale
 
 
@@ -98,6 +98,11 @@ class MLA(nn.Module):
         """Per-head q, k, v [B, H, S, nope + rope], V zero-padded to that width: CPU's fused
         SDPA wants equal head dims (else a 2x slower path)."""
         b, s, _ = q_src.shape
+        if mla_kernel.applies(self.rope, q_src, kv_src):  # one C pass each way (mla_kernel.py)
+            q_lin = self.wq(q_src) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q_src))
+            kv, k_pe = kv_src.split([self.kv_lora_rank, self.rope], dim=-1)
+            return mla_kernel.qkv(q_lin, self.wkv_b(self.kv_norm(kv)), k_pe, *self.rotary.tables(start_pos, s),
+                                  self.n_heads, self.nope, self.rope, self.vdim)
         q_nope, q_pe = self._queries(q_src, start_pos)
         kv, k_pe = self._latent(kv_src, start_pos)
         k_nope, v = self.wkv_b(kv).view(b, s, self.n_heads, self.nope + self.vdim).split([self.nope, self.vdim], -1)

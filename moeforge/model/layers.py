@@ -120,13 +120,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", ang.cos(), persistent=False)
         self.register_buffer("sin", ang.sin(), persistent=False)
 
+    def tables(self, start_pos: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [s, dim/2] (FP32) for positions start_pos .. start_pos + s - 1."""
+        if start_pos + s > self.max_seq_len:
+            raise ValueError(f"position {start_pos + s} exceeds model.max_seq_len={self.max_seq_len}")
+        return self.cos[start_pos : start_pos + s], self.sin[start_pos : start_pos + s]
+
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Rotate adjacent pairs of the last dim of x [B, S, H, dim] for positions start_pos.."""
         s = x.shape[1]
-        if start_pos + s > self.max_seq_len:
-            raise ValueError(f"position {start_pos + s} exceeds model.max_seq_len={self.max_seq_len}")
-        cos = self.cos[start_pos : start_pos + s].view(1, s, 1, -1)
-        sin = self.sin[start_pos : start_pos + s].view(1, s, 1, -1)
+        cos, sin = self.tables(start_pos, s)
+        cos, sin = cos.view(1, s, 1, -1), sin.view(1, s, 1, -1)
         xf = x.float().unflatten(-1, (-1, 2))
         x0, x1 = xf[..., 0], xf[..., 1]
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
