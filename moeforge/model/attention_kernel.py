@@ -52,7 +52,8 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
              lse: torch.Tensor, scale: float, vdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) of causal ``softmax(q k^T * scale) v`` for [B, H, S, D] bf16 q, k, v
     (V zero beyond ``vdim``), the forward's ``out`` and log-sum-exp ``lse`` [B, H, S]
-    and the output gradient ``do``; or None (use the flash backward)."""
+    and the output gradient ``do``; or None (use the flash backward). ``out`` and ``do``
+    are [B, H, S, >= vdim], views welcome: only their first ``vdim`` columns are read."""
     ts = (do, q, k, v, out)
     if (any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in ts)
             or lse.dtype != torch.float32 or torch.compiler.is_compiling() or q.numel() == 0):
@@ -65,11 +66,12 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if lib is None:
         return None
     n = b * h
-    q3, k3, v3 = (x.reshape(n, -1, d) for x in (q, k, v))
-    do3, o3 = (x.reshape(n, s, d)[..., :vdim] for x in (do, out))
+    dv_width = v.shape[-1]
+    q3, k3, v3 = q.reshape(n, s, d), k.reshape(n, t, d), v.reshape(n, t, dv_width)
+    do3, o3 = (x.reshape(n, s, x.shape[-1])[..., :vdim] for x in (do, out))
     lse2 = lse.reshape(n, s)
     dq, dk = torch.empty(n, s, d, dtype=q.dtype), torch.empty(n, t, d, dtype=q.dtype)
-    dv = torch.zeros(n, t, d, dtype=q.dtype)
+    dv = torch.zeros(n, t, dv_width, dtype=q.dtype)
     step = max(1, CHUNK_ELEMENTS // (s * t))
     for c0 in range(0, n, step):
         c = slice(c0, min(n, c0 + step))

@@ -282,13 +282,12 @@ class _RecomputedAttentionFn(torch.autograd.Function):
         srcs = [t.detach().requires_grad_(need) for t, need in zip((q_src, kv_src), ctx.needs_input_grad[3:5])]
         with torch.enable_grad():
             q, k, v = ctx.project(*srcs)  # the up-projections again, bit for bit
-        # V's zero padding makes the padded output columns exactly zero; rebuild them
-        out = o.new_zeros(o.shape[0], o.shape[2], o.shape[1], ctx.padded)
-        out[..., : o.shape[-1]] = o.transpose(1, 2)
-        dout = do.new_zeros(out.shape)
-        dout[..., : o.shape[-1]] = do.transpose(1, 2)
-        grads = attention_kernel.backward(dout, q, k, v, out, lse, ctx.scale, o.shape[-1])
-        if grads is None:
+        grads = attention_kernel.backward(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, ctx.scale, o.shape[-1])
+        if grads is None:  # the flash kernel wants the padded output columns (exactly zero: V's padding)
+            out = o.new_zeros(o.shape[0], o.shape[2], o.shape[1], ctx.padded)
+            out[..., : o.shape[-1]] = o.transpose(1, 2)
+            dout = do.new_zeros(out.shape)
+            dout[..., : o.shape[-1]] = do.transpose(1, 2)
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
         dq, dk, dv = grads
