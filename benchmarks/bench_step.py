@@ -117,6 +117,39 @@ def saved_bytes(loss_fn, model) -> int:
     return total
 
 
+PROBE, PROBE_N, PROBE_REPEAT = "gemm peak probe", 2048, 3
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def gemm_share(step) -> float:
+    """Fraction of one step's operator time (torch.profiler, self time) spent in GEMMs.
+    MFU / this share is the utilisation the step would reach if everything that is not a
+    GEMM took no time: the ceiling that faster non-GEMM code can approach."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / total
+
+
+def peak_probe(threads: int):
+    """The square bf16 GEMM the peak is defined by, timed in the same alternation as the
+    steps: the host's speed drifts by tens of percent within minutes, and a peak measured
+    once, before or after, made MFU move with it."""
+    a = torch.randn(PROBE_N, PROBE_N, dtype=torch.bfloat16)
+
+    def run():
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(PROBE_REPEAT):
+                a @ a
+        finally:
+            torch.set_num_threads(n)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -137,8 +170,10 @@ def main() -> None:
         steps[name], loss_fn, model = make_step(cfg, tokens)
         mems[name] = saved_bytes(loss_fn, model)
         steps[name]()  # compile / warm up outside the timing
-    t = interleaved(steps, repeat=3 if args.quick else 5)
-    peak, peak_threads = machine_peak_flops(torch.bfloat16)
+    shares = {name: gemm_share(steps[name]) for name in args.variants if "compile" not in name}
+    _, peak_threads = machine_peak_flops(torch.bfloat16)  # which thread count reaches the peak
+    t = interleaved({**steps, PROBE: peak_probe(peak_threads)}, repeat=3 if args.quick else 5)
+    peak = 2 * PROBE_N**3 * PROBE_REPEAT / t.pop(PROBE)
     fpt = train_flops_per_token(base.model, s)
     rows = []
     for name in args.variants:
@@ -146,18 +181,24 @@ def main() -> None:
         rows.append({"variant": name, "step_s": t[name], "tokens_per_s": tok_s, "model_tflops": tok_s * fpt / 1e12,
                      "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
                      "peak_step_mb": peaks[name]["peak_step_mb"], "weight_forms_mb": peaks[name]["weight_forms_mb"],
-                     "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan")})
+                     "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan"),
+                     "gemm_share": shares.get(name, float("nan"))})
     summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "peak_threads": peak_threads,
                "flops_per_token": fpt,
                **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
+    if "bf16" in shares:
+        summary["mfu_bf16_if_only_gemms_took_time"] = summary["mfu_bf16"] / shares["bf16"]
     if "fp8" in mems and "bf16" in mems:
         summary["fp8_saved_bytes_vs_bf16"] = mems["fp8"] / mems["bf16"]
         summary["fp8_peak_step_vs_bf16"] = peaks["fp8"]["peak_step_mb"] / peaks["bf16"]["peak_step_mb"]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
-             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the best bf16 GEMM rate (2048^3) measured "
-             f"at 1..{torch.get_num_threads()} threads (reached at {peak_threads}; on hosts whose two vCPUs are "
-             f"hyperthreads of one core, one thread is faster).",
+             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the bf16 GEMM rate (2048^3) at the best "
+             f"of 1..{torch.get_num_threads()} threads ({peak_threads}; on hosts whose two vCPUs are hyperthreads "
+             f"of one core, one thread is faster), that GEMM timed in alternation with the steps.",
              "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
+             "gemm_share: the fraction of one step's operator self time (torch.profiler) spent in GEMM ops; MFU / "
+             "gemm_share is the utilisation if all other work took no time, i.e. the ceiling for speeding up "
+             "the non-GEMM part (the GEMMs themselves run below the square-GEMM peak at the model's shapes).",
              "peak_step_mb: how far the resident set rises during a training step above its level between steps "
              "(each variant alone in a fresh process, the second step, peak-RSS mark reset, allocations of 64 KiB "
              "and more unmapped when freed): activations, gradients and temporaries.",
