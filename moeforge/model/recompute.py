@@ -29,7 +29,7 @@ Choices:
   attention output (in the output projection's layout, so the bf16 model saves that
   tensor once for both) and the log-sum-exp; q, k, v are rebuilt in backward. About a
   quarter of what attention kept before, for two extra small GEMMs. Its backward runs on
-  ``attention_kernel.py`` (batched GEMMs around one C pass, ~2x the flash kernel's speed
+  ``attention_kernel.py`` (batched GEMMs around one C pass, ~1.45x the flash kernel's speed
   at these lengths) where that applies, else on the flash-attention backward.
 - Plain tensors only: with DTensors (tensor/sequence parallelism) callers keep the
   ordinary autograd graph, whose sharding propagation is already proven. Callers ask
