@@ -126,8 +126,7 @@ class Fp8Ops:
         otherwise that FP32 tensor is ours, so it is divided in place."""
         if pad is None and not self.use_triton and xq.data.device.type == "cpu" and cpu_kernels.available():
             q, s, dq = cpu_kernels.quantize(xq.data.contiguous(), self._block(tile), self.eps, self.power_of_2,
-                                            self.compute_dtype if self.compute_dtype in (torch.float32, torch.bfloat16)
-                                            else None, x_scale=xq.scale, x_block=xq.block)
+                                            self.compute_dtype, x_scale=xq.scale, x_block=xq.block)
             return Fp8Tensor(q, s, self._block(tile), dq)
         x = xq.dequantize(torch.float32)
         if pad is not None:

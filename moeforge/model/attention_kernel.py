@@ -43,7 +43,7 @@ CHUNK_ELEMENTS = 1 << 21  # S * T * heads per chunk: 8 MB of FP32 scores
 
 def _configure(lib: ctypes.CDLL) -> None:
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.mf_attn_probs_bwd.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32, ptr, ptr, i32]
+    lib.mf_attn_probs_bwd.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, ptr, ptr, i32]
     lib.mf_attn_probs_bwd.restype = None
 
 
@@ -85,7 +85,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         lse_c = lse2[c].contiguous()
         p, ds = torch.empty(scores.shape, dtype=q.dtype), torch.empty(scores.shape, dtype=q.dtype)
         lib.mf_attn_probs_bwd(scores.data_ptr(), dp.data_ptr(), lse_c.data_ptr(), dsum.data_ptr(), scores.shape[0],
-                              s, t, float(scale), 1, p.data_ptr(), ds.data_ptr(), torch.get_num_threads())
+                              s, float(scale), p.data_ptr(), ds.data_ptr(), torch.get_num_threads())
         del scores, dp
         dv[c, :, :vdim] = torch.bmm(p.transpose(1, 2), do3[c])
         torch.bmm(ds, k3[c], out=dq[c])

@@ -61,6 +61,8 @@ def backward(ab: torch.Tensor, g: torch.Tensor, gate: torch.Tensor, need_gate: b
     lib = _lib(ab, g)
     if lib is None or gate.dtype != torch.bfloat16:
         return None
+    if ab.shape != (g.shape[0], 2 * g.shape[1]):
+        raise ValueError(f"swiglu backward: ab {tuple(ab.shape)} must be [N, 2D] for g {tuple(g.shape)}")
     ab, g, gate = ab.contiguous(), g.contiguous(), gate.reshape(-1).contiguous()
     n, d = g.shape
     h, dab = torch.empty_like(g), torch.empty_like(ab)

@@ -6,7 +6,7 @@
  * batched GEMMs on the AMX/MKL units and leaves this kernel only the elementwise work in
  * between, which eager torch spread over ~8 passes over [heads, S, S] FP32 tensors:
  *
- *   p[i, j]  = exp(s[i, j] * scale - lse[i])        for j <= i (+ offset), else 0
+ *   p[i, j]  = exp(s[i, j] * scale - lse[i])        for j <= i, else 0
  *   ds[i, j] = p[i, j] * (dp[i, j] - dsum[i]) * scale
  *
  * with s = q k^T and dp = do v^T in FP32, lse the forward's log-sum-exp and dsum[i] =
@@ -18,16 +18,13 @@
 
 #include "mf_bits.h"
 
-/* s, dp [N, S, T] FP32 contiguous; lse, dsum [N, S] FP32; p, ds [N, S, T] bf16 out.
- * Row i of a causal block may see keys j <= i + (T - S). */
+/* s, dp [N, S, S] FP32 contiguous; lse, dsum [N, S] FP32; p, ds [N, S, S] bf16 out.
+ * Query i sees keys j <= i (causal self-attention). */
 void mf_attn_probs_bwd(const float *s, const float *dp, const float *lse, const float *dsum, int64_t N, int64_t S,
-                       int64_t T, float scale, int causal, uint16_t *p, uint16_t *ds, int nthreads) {
+                       float scale, uint16_t *p, uint16_t *ds, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t r = 0; r < N * S; r++) {
-        const int64_t i = r % S, o = r * T;
-        int64_t end = causal ? i + (T - S) + 1 : T;
-        if (end > T) end = T;
-        if (end < 0) end = 0;
+        const int64_t end = r % S + 1, o = r * S;
         const float l = lse[r], d = dsum[r];
 #pragma omp simd
         for (int64_t j = 0; j < end; j++) {
@@ -35,6 +32,6 @@ void mf_attn_probs_bwd(const float *s, const float *dp, const float *lse, const 
             p[o + j] = bf16_round(pv);
             ds[o + j] = bf16_round(pv * (dp[o + j] - d) * scale);
         }
-        for (int64_t j = end; j < T; j++) { p[o + j] = 0; ds[o + j] = 0; }
+        for (int64_t j = end; j < S; j++) { p[o + j] = 0; ds[o + j] = 0; }
     }
 }
