@@ -296,6 +296,7 @@ class Fp8GroupedGemm:
     def __init__(self, cfg: Fp8Config):
         self.cfg = cfg
         self.block = (1, cfg.block_size)
+        self.row_bucket = cfg.block_size  # CPU pads each expert's rows to whole Wgrad tiles up front
 
     def _ops(self, t: torch.Tensor) -> Fp8Ops:
         return Fp8Ops.for_device(self.cfg, t.device)
@@ -336,7 +337,7 @@ class Fp8GroupedGemm:
         padded = _aligned(n_used, self.cfg.block_size)
         pad = lambda t: repad_rows(t, n_used, padded)  # noqa: E731  each expert's rows to whole 128-row tiles
         if isinstance(x, Fp8Tensor):
-            if padded == n_used:  # whole tiles already (CPU pads rows to GroupedExperts.row_bucket)
+            if padded == n_used:  # whole tiles already (CPU pads rows to self.row_bucket)
                 pad = None
             return self._ops(x.data).retile(x, "col", pad)
         return self._ops(x).quantize(pad(x), "col")

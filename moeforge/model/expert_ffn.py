@@ -34,7 +34,7 @@ Choices:
   gradient, da and db from a, b, dout W2 and the weights (~10 torch passes before, ~10%
   of a small step). It agrees with the torch path (kept as the fallback and reference)
   to bf16 rounding.
-- Rows are padded per expert (``GroupedExperts.row_bucket``) only for the GEMMs; what is
+- Rows are padded per expert (the ops' ``row_bucket``, ``GroupedExperts``) only for the GEMMs; what is
   saved is unpadded, so padding costs memory only transiently.
 - The GEMMs go through an *ops* object so FP8 can swap them without this file knowing
   about FP8: :class:`GroupedGemm` (the activations' dtype, ``torch._grouped_mm``) here,
@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeforge.model import swiglu_kernel, weight_cache
+from moeforge.model import rows_kernel, swiglu_kernel, weight_cache
 
 
 def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
@@ -73,6 +73,9 @@ def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.T
     nothing changes (counts == padded) it returns ``x`` itself, no copy."""
     if counts == padded:
         return x
+    out = rows_kernel.repad(x, counts, padded)  # one C call on CPU; the code below is its reference
+    if out is not None:
+        return out
     extra = max([p - c for c, p in zip(counts, padded)] + [0])
     zeros = x.new_zeros(extra, *x.shape[1:]) if extra else None
     parts = []
@@ -129,6 +132,8 @@ class GroupedGemm:
     """Grouped GEMMs in the activations' dtype (bf16 on the CPU's AMX units); the master
     weight's cast comes from ``weight_cache`` (made once per optimizer step), so backward
     saves the master, not a cast copy."""
+
+    row_bucket = 64  # rows per expert padded to a multiple of this on CPU (GroupedExperts)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         return x
