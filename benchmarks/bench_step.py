@@ -118,6 +118,11 @@ def saved_bytes(loss_fn, model) -> int:
 
 
 PROBE, PROBE_N, PROBE_REPEAT = "gemm peak probe", 2048, 3
+# warm-up steps per variant (full, --quick): the trainer's steady state. The C heap keeps
+# growing for the first ~10 steps of a process (freed blocks do not fit the next step's
+# requests until enough have accumulated); while it grows, new pages fault in, measured
+# at 30-100k minor faults and ~0.1-0.3 s of system time per small-preset step, none after.
+WARMUP = {False: 4, True: 2}
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
 
 
@@ -169,7 +174,8 @@ def main() -> None:
         cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
         steps[name], loss_fn, model = make_step(cfg, tokens)
         mems[name] = saved_bytes(loss_fn, model)
-        steps[name]()  # compile / warm up outside the timing
+        for _ in range(WARMUP[args.quick]):  # compile, oneDNN kernels, the C heap (see WARMUP)
+            steps[name]()
     shares = {name: gemm_share(steps[name]) for name in args.variants if "compile" not in name}
     _, peak_threads = machine_peak_flops(torch.bfloat16)  # which thread count reaches the peak
     t = interleaved({**steps, PROBE: peak_probe(peak_threads)}, repeat=3 if args.quick else 5)
