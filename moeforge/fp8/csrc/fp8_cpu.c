@@ -147,12 +147,16 @@ static inline void *dq_at(const qjob *j, int64_t o) {
     return (char *)j->dq + o * (j->dqtype == 0 ? 4 : 2);
 }
 
+#define BAND_BYTES (4 << 20) /* 128 rows of up to 8192 FP32 columns: within L2 for the usual widths */
+
 static void quant_items(const qjob *j) {
     const int64_t R = j->R, C = j->C, br = j->br, bc = j->bc;
     const int64_t nbr = (R + br - 1) / br, nbc = (C + bc - 1) / bc;
     float *xf = malloc(sizeof(float) * (size_t)C);     /* the current row in FP32 */
     float *colmax = malloc(sizeof(float) * (size_t)C); /* per column: amax over the band */
     float *s = malloc(sizeof(float) * (size_t)C);      /* per column: its tile's scale */
+    /* a band of rows in FP32 (br > 1 only; up to BAND_BYTES, else rows are converted twice) */
+    float *rows = br > 1 && br * C * 4 <= BAND_BYTES ? malloc(sizeof(float) * (size_t)(br * C)) : NULL;
     for (int64_t it = j->item0; it < j->item1; it++) {
         const int64_t b = it / nbr, band = it % nbr;
         const int64_t r0 = band * br, r1 = r0 + br < R ? r0 + br : R;
@@ -168,12 +172,15 @@ static void quant_items(const qjob *j) {
             quant_row(xf, s, C, j->q + base + r0 * C, dq_at(j, base + r0 * C), j->dqtype);
             continue;
         }
-        /* br x bc tiles: amax per column over the band's rows (as bits), then per tile */
+        /* br x bc tiles: amax per column over the band's rows (as bits), then per tile. The
+         * band's rows are converted to FP32 once, into `rows` (the quantizing pass reads
+         * them from there: for an E4M3 input that conversion is a decode and a multiply) */
         uint32_t *restrict cm = (uint32_t *)colmax;
         for (int64_t c = 0; c < C; c++) cm[c] = 0;
         for (int64_t r = r0; r < r1; r++) {
-            load_row(j, b, r, xf);
-            const uint32_t *restrict u = (const uint32_t *)xf;
+            float *row = rows ? rows + (r - r0) * C : xf;
+            load_row(j, b, r, row);
+            const uint32_t *restrict u = (const uint32_t *)row;
             for (int64_t c = 0; c < C; c++) { uint32_t v = u[c] & 0x7FFFFFFFu; cm[c] = v > cm[c] ? v : cm[c]; }
         }
         for (int64_t t = 0; t < nbc; t++) {
@@ -182,13 +189,15 @@ static void quant_items(const qjob *j) {
             for (int64_t c = c0; c < c1; c++) s[c] = srow[t];
         }
         for (int64_t r = r0; r < r1; r++) {
-            load_row(j, b, r, xf);
-            quant_row(xf, s, C, j->q + base + r * C, dq_at(j, base + r * C), j->dqtype);
+            const float *row = rows ? rows + (r - r0) * C : xf;
+            if (!rows) load_row(j, b, r, xf);
+            quant_row(row, s, C, j->q + base + r * C, dq_at(j, base + r * C), j->dqtype);
         }
     }
     free(xf);
     free(colmax);
     free(s);
+    free(rows);
 }
 
 typedef struct {
