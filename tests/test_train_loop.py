@@ -201,3 +201,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_mfu_uses_the_best_gemm_rate_seen(tmp_path, monkeypatch):
+    """The GEMM peak is measured again at each log point and the best kept: a slow first
+    measurement (a busy host) must not inflate every later MFU figure."""
+    import moeforge.train.loop as loop
+
+    rates = iter([1e9, 4e9, 2e9, 3e9, 5e9] + [5e9] * 100)  # start-up, then one per log point
+    monkeypatch.setattr(loop, "measure_peak_flops", lambda *a, **k: next(rates))
+    cfg = small_config(tmp_path, train__steps=8, train__log_every=2)
+    run = pretrain(cfg, datasets=mem_datasets())
+    recs = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "train"]
+    peaks = [r["flops_per_s"] / r["mfu"] for r in recs]
+    assert peaks == pytest.approx([4e9, 4e9, 4e9, 5e9, 5e9][: len(peaks)], rel=1e-6)
+    assert [r["peak_flops"] for r in recs] == pytest.approx(peaks, rel=1e-6)

@@ -286,8 +286,12 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                     metrics.advance(step, rec["loss"])
                 if not bad and (step % tc.log_every == 0 or step == tc.steps or step == start_step + 1):
                     tps = interval["tokens"] / max(interval["time"], 1e-9)
+                    # the GEMM rate again (~3 ms), keeping the best seen: measured once at start-up
+                    # on a busy shared host it once read 418 GFLOP/s where ~1100 was usual, and
+                    # that run's logged MFU came out nearly 2x too high
+                    peak = max(peak, measure_peak_flops(compute_dtype, device, reps=2))
                     rec.update(kind="train", step=step, tokens=tokens, lr=opt.lr, micro_batches=n_micro, tokens_per_s=tps,
-                               flops_per_s=tps * flops_per_token, mfu=tps * flops_per_token / peak,
+                               flops_per_s=tps * flops_per_token, mfu=tps * flops_per_token / peak, peak_flops=peak,
                                memory_mb=memory_bytes(device) / 2**20, elapsed_s=time.perf_counter() - t_run)
                     if counts is not None:
                         vio = max_violation(counts)
