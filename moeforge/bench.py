@@ -36,8 +36,10 @@ BENCH_DIR = ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternation."""
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
+                samples: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation (every sample into
+    ``samples`` when given)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -47,6 +49,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: i
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    if samples is not None:
+        samples.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
