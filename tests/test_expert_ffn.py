@@ -85,7 +85,8 @@ def test_fp8_fused_ffn_accuracy_and_storage():
     measured at ~1.3-1.5x; the rest is the same. The activations kept are E4M3 only."""
     cfg = Fp8Config(enabled=True)
     x, gate, ws = _inputs(torch.bfloat16, seed=1)
-    dout = torch.randn(sum(COUNTS), DIM).bfloat16()
+    # seeded: the gate's ratio is 1.3-1.8x over dout draws, so the global RNG made this flaky
+    dout = torch.randn(sum(COUNTS), DIM, generator=torch.Generator().manual_seed(0)).bfloat16()
     padded = [-(-c // 128) * 128 for c in COUNTS]
     out, grads, saved = _run(Fp8GroupedGemm(cfg), x, gate, ws, padded, dout)
     ref, ref_grads = _loop_reference(x, gate, *ws, dout)
@@ -130,3 +131,76 @@ def test_gate_gradient_reaches_the_router():
     assert fused["gate.weight"].abs().sum() > 0
     for n in plain:
         assert (fused[n] - plain[n]).norm() <= 1e-5 * plain[n].norm(), (n, (fused[n] - plain[n]).norm() / plain[n].norm())
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gathering_from_token_rows_is_bit_identical(fp8):
+    """Given token rows and each expert row's token (the local dispatcher's route), the FFN
+    gathers its rows itself (FP8: from the token rows' 1x128 quantization, the same bits as
+    quantizing the gathered rows) and sums its input gradient per token: every output and
+    gradient equals the run on pre-gathered rows, and what it keeps of x is the token rows
+    (E4M3 under FP8), not one copy per expert row."""
+    x, gate, ws = _inputs(torch.bfloat16, seed=2)
+    n = 97
+    xt = torch.randn(n, DIM, generator=torch.Generator().manual_seed(3)).bfloat16()
+    token = torch.randint(0, n, (sum(COUNTS),), generator=torch.Generator().manual_seed(4))
+    ops = Fp8GroupedGemm(Fp8Config(enabled=True)) if fp8 else GroupedGemm()
+    padded = [-(-c // 128) * 128 for c in COUNTS]
+    dout = torch.randn(sum(COUNTS), DIM).bfloat16()
+
+    def run(gathered: bool):
+        leaves = [t.clone().requires_grad_() for t in (xt, gate, *ws)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if gathered:
+                out = expert_ffn(leaves[0].index_select(0, token), *leaves[1:], COUNTS, padded, ops)
+            else:
+                out = expert_ffn(*leaves, COUNTS, padded, ops, token)
+        out.backward(dout)
+        return out, [t.grad for t in leaves], saved
+
+    out, grads, saved = run(False)
+    ref, ref_grads, _ = run(True)
+    assert torch.equal(out, ref)
+    for name, got, want in zip(("x", "gate", "w1", "w2", "w3"), grads, ref_grads):
+        assert torch.equal(got, want), name
+    acts = [s for s in saved if s.dim() == 2 and s.dtype not in (torch.float32, torch.int64)]
+    assert sorted(tuple(s.shape) for s in acts) == sorted([(n, DIM), (sum(COUNTS), 2 * INTER)])
+    assert {s.dtype for s in acts} == {torch.float8_e4m3fn if fp8 else torch.bfloat16}
+
+
+def test_moe_layer_keeps_no_expert_input_rows():
+    """In the MoE layer the experts' input is the FFN norm's output: its rows are rebuilt
+    from the norm's input in backward, so besides the SwiGLU inputs ([a | b]) no
+    expert-row activation is kept, and the layer's gradients match the ordinary graph's."""
+    from moeforge.config import load_config
+    from moeforge.model.layers import RMSNorm
+    from moeforge.model.moe import MoE
+
+    cfg = load_config("tiny", {"model.dim": 64, "model.moe_inter_dim": 32}).model
+    torch.manual_seed(0)
+    moe, norm = MoE(cfg), RMSNorm(64)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 40, 64).bfloat16().requires_grad_()
+    saved = []
+
+    def grads():
+        for p in [*moe.parameters(), x]:
+            p.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = moe(norm(x))
+        out.float().square().sum().backward()
+        return {n: p.grad.clone() for n, p in [*moe.named_parameters(), ("x", x)]}
+
+    fused = grads()
+    rows = 80 * cfg.n_activated_experts
+    assert [tuple(s.shape) for s in saved if s.dim() == 2 and s.shape[0] == rows and s.dtype == torch.bfloat16] \
+        == [(rows, 2 * cfg.moe_inter_dim)]
+    GroupedExperts.fused_ffn = False
+    try:
+        plain = grads()
+    finally:
+        GroupedExperts.fused_ffn = True
+    for k in plain:
+        assert (fused[k].float() - plain[k].float()).norm() <= 0.02 * plain[k].float().norm() + 1e-6, k

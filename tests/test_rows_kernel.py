@@ -66,3 +66,31 @@ def test_falls_back_where_it_does_not_apply():
     assert torch.equal(repad_rows(x.t().contiguous().t()[:4], [2, 2], [3, 3]),
                        _reference(x[:4], [2, 2], [3, 3]))
     assert rows_kernel.repad(x, [2, 2], [4, 4]) is None  # counts do not add up to the rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_through_an_index(dtype, threads):
+    """With an index the kept rows are read through it (the dispatch gather fused with the
+    padding): equal to index_select then the reference padding, repeats and cut blocks too."""
+    from moeforge.model.expert_ffn import gather_rows
+
+    g = torch.Generator().manual_seed(1)
+    counts = [int(c) for c in torch.randint(0, 200, (16,), generator=g)]
+    counts[5] = 0
+    padded = [-(-c // 64) * 64 for c in counts]
+    padded[2] = counts[2] // 2  # a block cut shorter than its rows
+    x = torch.randn(300, 40, generator=g).to(dtype)
+    index = torch.randint(0, 300, (sum(counts),), generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = gather_rows(x, index, counts, padded)
+    finally:
+        torch.set_num_threads(old)
+    with rows_kernel.KERNEL.disabled():
+        torch_out = gather_rows(x, index, counts, padded)
+    as_bytes = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(as_bytes(out), as_bytes(_reference(x[index], counts, padded)))
+    assert torch.equal(as_bytes(out), as_bytes(torch_out))
+    assert rows_kernel.repad(x, counts, padded, index.int()) is None  # int32 index: the torch path

@@ -49,7 +49,7 @@ from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 from moeforge.model import recompute, weight_cache
-from moeforge.model.expert_ffn import Weight, parts, repad_rows, split_grad, stacked_form, stacked_shape
+from moeforge.model.expert_ffn import Weight, gather_rows, parts, repad_rows, split_grad, stacked_form, stacked_shape
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class Fp8GroupedGemm:
         return Fp8Ops.for_device(self.cfg, t.device)
 
     def input(self, x: torch.Tensor) -> Fp8Tensor:
-        return _quantize_input(self._ops(x), x, x)
+        return _quantize_input(self._ops(x), x, x.reshape(-1, x.shape[-1]))
 
     def keep(self, t: torch.Tensor) -> Fp8Tensor | torch.Tensor:
         if not self.cfg.cache_swiglu:
@@ -326,6 +326,11 @@ class Fp8GroupedGemm:
         assert op.block[0] == 1, "only 1xB-tiled operands have one scale row per row"
         return Fp8Tensor(repad_rows(op.data, counts, padded), repad_rows(op.scale, counts, padded), op.block,
                          None if op.dq is None else repad_rows(op.dq, counts, padded))
+
+    def gather(self, op: Fp8Tensor, index: torch.Tensor, counts: list[int], padded: list[int]) -> Fp8Tensor:
+        """Expert rows from 1x128-tiled token rows: the same bits as quantizing the gathered rows."""
+        pick = lambda t: None if t is None else gather_rows(t, index, counts, padded)  # noqa: E731
+        return Fp8Tensor(pick(op.data), pick(op.scale), op.block, pick(op.dq))
 
     def forward(self, xq: Fp8Tensor, w: Weight, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         ops = self._ops(parts(w)[0])

@@ -8,7 +8,13 @@ Choices:
 
 - One Function for the whole expert FFN so backward decides what is kept. It keeps the
   expert input x and the two SwiGLU inputs a = W1 x, b = W3 x, unpadded, and nothing else
-  (plus the FP32 master weights, which live anyway). DeepSeek-V3 (TR section 3.3.2) caches
+  (plus the FP32 master weights, which live anyway). Given token rows and each expert
+  row's token (``token``; the MoE layer's local dispatch), it gathers its rows itself (one
+  C pass with the padding, ``gather_rows``) and keeps x as the token rows, or, when they
+  are an RMSNorm's output, nothing new: backward rebuilds them from the norm's input
+  (``recompute.norm_source``), shared with the shared experts, and sums the input
+  gradient per token (the gather's backward). Under FP8 the token rows are quantized once
+  (1x128 tiles are per row, so the gathered E4M3 rows are the same bits). DeepSeek-V3 (TR section 3.3.2) caches
   the SwiGLU inputs and recomputes its output h = silu(a) * b in backward; with FP8 those
   inputs (and x) are E4M3 with 1x128 scales, so there h is recomputed from their
   dequantized values, as published.
@@ -46,6 +52,7 @@ Choices:
   ``value(kept, dtype)``     the tensor back from ``keep`` / ``input`` (dequantized)
   ``pack(op)`` / ``unpack``  an operand as a tuple of tensors for ``save_for_backward``
   ``repad(op, c, p)``        :func:`repad_rows` on an operand
+  ``gather(op, i, c, p)``     :func:`gather_rows` on an operand (rows ``op[i]``, padded)
   ``forward(op, w, c, dtype)`` y = x @ w[e].T per expert group, in ``dtype``; ``w`` is one
                              [E, out, in] stack or a tuple of them stacked along out
                              (:data:`Weight`)
@@ -63,7 +70,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeforge.model import rows_kernel, swiglu_kernel, weight_cache
+from moeforge.model import recompute, rows_kernel, swiglu_kernel, weight_cache
 
 
 def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
@@ -84,6 +91,15 @@ def repad_rows(x: torch.Tensor, counts: list[int], padded: list[int]) -> torch.T
         if p > c:
             parts.append(zeros[: p - c])
     return torch.cat(parts) if parts else x.new_zeros(0, *x.shape[1:])
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+    """``repad_rows(x.index_select(0, index), counts, padded)`` in one pass (C on CPU): the
+    dispatch gather of expert rows from token rows, already padded for the GEMMs."""
+    out = rows_kernel.repad(x, counts, padded, index)
+    if out is not None:
+        return out
+    return repad_rows(x.index_select(0, index), counts, padded)
 
 
 def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
@@ -136,7 +152,7 @@ class GroupedGemm:
     row_bucket = 64  # rows per expert padded to a multiple of this on CPU (GroupedExperts)
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return x.reshape(-1, x.shape[-1])
 
     keep = input
 
@@ -151,6 +167,9 @@ class GroupedGemm:
 
     def repad(self, op: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
         return repad_rows(op, counts, padded)
+
+    def gather(self, op: torch.Tensor, index: torch.Tensor, counts: list[int], padded: list[int]) -> torch.Tensor:
+        return gather_rows(op, index, counts, padded)
 
     @staticmethod
     def _form(w: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -200,34 +219,33 @@ def grouped_linear_fn(x: torch.Tensor, w: torch.Tensor, counts: list[int], ops) 
 
 class _ExpertFFNFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, w1, w2, w3, counts, padded, ops):
-        xo = ops.input(x)
-        xp = ops.repad(xo, counts, padded)
+    def forward(ctx, x, gate, w1, w2, w3, counts, padded, ops, token):
+        xo = ops.input(x)  # token rows (with ``token``): FP8 shares the shared experts' quantization
+        xp = ops.repad(xo, counts, padded) if token is None else ops.gather(xo, token, counts, padded)
         ab = ops.forward(xp, (w1, w3), padded, x.dtype)  # [a | b]: the gate and up projections
         h = swiglu_kernel.forward(ab)
         if h is None:
             a, b = ab.split(w1.shape[1], -1)
             h = F.silu(a) * b
         y = ops.repad(ops.forward(ops.input(h), w2, padded, x.dtype), padded, counts)
-        kept = [xo, ops.repad(ops.keep(ab), padded, counts)]
-        packs = [ops.pack(k) for k in kept]
+        # x as kept for Wgrad: a norm's output is rebuilt from the norm's input (kept by the
+        # norm anyway), anything else kept as its GEMM operand (E4M3 under FP8)
+        source = recompute.norm_source(x) if token is not None else None
+        packs = [ops.pack(xo) if source is None else source[:2], ops.pack(ops.repad(ops.keep(ab), padded, counts))]
         ctx.sizes = [len(p) for p in packs]
-        ctx.save_for_backward(*[t for p in packs for t in p], gate, w1, w2, w3)
+        ctx.save_for_backward(*[t for p in packs for t in p], gate, w1, w2, w3, token)
         ctx.counts, ctx.padded, ctx.ops, ctx.dtype = counts, padded, ops, ab.dtype
+        ctx.source, ctx.x_rows = None if source is None else source[2:], x.shape[0]
         return y * gate.to(y.dtype).unsqueeze(-1)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         ops, counts, padded, dt = ctx.ops, ctx.counts, ctx.padded, ctx.dtype
         saved = list(ctx.saved_tensors)
-        kept = []
-        for n in ctx.sizes:
-            kept.append(ops.unpack(tuple(saved[:n])))
-            saved = saved[n:]
-        gate, w1, w2, w3 = saved
+        x_saved, ab_saved = saved[: ctx.sizes[0]], saved[ctx.sizes[0] : sum(ctx.sizes)]
+        gate, w1, w2, w3, token = saved[sum(ctx.sizes) :]
         need_x, need_gate, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:5]
-        xp = ops.repad(kept[0], counts, padded)
-        ab = ops.repad(ops.value(kept[1], dt), counts, padded)
+        ab = ops.repad(ops.value(ops.unpack(tuple(ab_saved)), dt), counts, padded)
         dout_p = ops.repad(dout, counts, padded)
         gate_p = ops.repad(gate.to(dout.dtype).unsqueeze(-1), counts, padded)  # padding rows weigh 0
         g, _ = ops.grads(dout_p, None, w2, padded, True, False)  # dout W2, unweighted
@@ -247,16 +265,28 @@ class _ExpertFFNFn(torch.autograd.Function):
         dw2 = None
         if need_w2:
             dw2 = ops.grads(dout_p * gate_p, ops.wgrad_input(h, padded), w2, padded, False, True)[1]
-        xw = ops.wgrad_input(xp, padded) if (need_w1 or need_w3) else None
+        xw = None
+        if need_w1 or need_w3:
+            if ctx.source is not None:  # the norm's output again (shared with the shared experts), quantized again
+                xo = ops.input(recompute.rebuild_norm(*x_saved, *ctx.source))
+            else:
+                xo = ops.unpack(tuple(x_saved))
+            xp = ops.repad(xo, counts, padded) if token is None else ops.gather(xo, token, counts, padded)
+            xw = ops.wgrad_input(xp, padded)
         dx, dw13 = ops.grads(dab, xw, (w1, w3), padded, need_x, need_w1 or need_w3)
         dw1, dw3 = dw13 if dw13 is not None else (None, None)
-        dx = ops.repad(dx, padded, counts) if need_x else None
-        return dx, d_gate, dw1 if need_w1 else None, dw2, dw3 if need_w3 else None, None, None, None
+        if need_x:
+            dx = ops.repad(dx, padded, counts)
+            if token is not None:  # the dispatch gather's gradient: each token's rows summed
+                dx = dx.new_zeros(ctx.x_rows, dx.shape[1]).index_add_(0, token, dx)
+        return dx, d_gate, dw1 if need_w1 else None, dw2, dw3 if need_w3 else None, None, None, None, None
 
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-               counts: list[int], padded: list[int], ops) -> torch.Tensor:
+               counts: list[int], padded: list[int], ops, token: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts' SwiGLU FFN times the routing weights: x [T, dim] sorted by expert,
     ``gate`` [T] the routing weights (FP32), ``counts`` rows per expert, ``padded`` the
-    row counts the GEMMs run on (each >= its count; extra rows are zeros); -> [T, dim]."""
-    return _ExpertFFNFn.apply(x, gate, w1, w2, w3, list(counts), list(padded), ops)
+    row counts the GEMMs run on (each >= its count; extra rows are zeros); -> [T, dim].
+    With ``token`` [T] (int64), x is [N, dim] token rows and the expert rows are
+    ``x[token]``, gathered here: see the module doc."""
+    return _ExpertFFNFn.apply(x, gate, w1, w2, w3, list(counts), list(padded), ops, token)

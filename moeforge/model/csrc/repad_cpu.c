@@ -2,7 +2,9 @@
  * the destination padded[i]; it keeps the block's first min(counts[i], padded[i]) rows
  * and zero-fills the rest. Why C, and the torch reference: moeforge/model/rows_kernel.py.
  * Output rows are split over the threads; only memcpy / memset, so any dtype works (rows
- * are `row_bytes` wide).
+ * are `row_bytes` wide). With `index` set the source rows are read through it (kept row j
+ * of block b is src[index[src_off[b] + j]]): the dispatch gather and the padding in one
+ * pass.
  */
 #include <stdint.h>
 #include <string.h>
@@ -21,8 +23,8 @@ static int64_t block_of(const int64_t *dst_off, int64_t nblocks, int64_t r) {
 }
 
 void mf_repad_rows(const char *src, char *dst, const int64_t *counts, const int64_t *padded,
-                   const int64_t *src_off, const int64_t *dst_off, int64_t nblocks, int64_t total,
-                   int64_t row_bytes, int nthreads) {
+                   const int64_t *src_off, const int64_t *dst_off, const int64_t *index, int64_t nblocks,
+                   int64_t total, int64_t row_bytes, int nthreads) {
     int64_t chunk = (64 << 10) / row_bytes; /* ~64 KiB of output per task */
     if (chunk < 1)
         chunk = 1;
@@ -36,9 +38,11 @@ void mf_repad_rows(const char *src, char *dst, const int64_t *counts, const int6
                 end = r1;
             int64_t kept = dst_off[b] + (counts[b] < padded[b] ? counts[b] : padded[b]);
             int64_t copy_end = kept < end ? kept : end;
-            if (copy_end > r)
+            if (copy_end > r && !index)
                 memcpy(dst + r * row_bytes, src + (src_off[b] + r - dst_off[b]) * row_bytes,
                        (size_t)((copy_end - r) * row_bytes));
+            for (int64_t i = r; index && i < copy_end; i++)
+                memcpy(dst + i * row_bytes, src + index[src_off[b] + i - dst_off[b]] * row_bytes, (size_t)row_bytes);
             int64_t zero_from = kept > r ? kept : r;
             if (end > zero_from)
                 memset(dst + zero_from * row_bytes, 0, (size_t)((end - zero_from) * row_bytes));
