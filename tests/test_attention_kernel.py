@@ -31,11 +31,14 @@ def _fp64_grads(q, k, v, do, scale):
     return [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 77, 96, 64), (1, 2, 130, 64, 64), (2, 4, 256, 96, 64)])
-def test_gradients_as_accurate_as_flash(shape):
+@pytest.mark.parametrize("with_out", [True, False], ids=["dsum-from-out", "dsum-from-p-dp"])
+@pytest.mark.parametrize("shape", [(2, 3, 77, 96, 64), (1, 2, 130, 64, 64), (2, 4, 256, 96, 64), (1, 2, 512, 32, 32)])
+def test_gradients_as_accurate_as_flash(shape, with_out):
+    """With the forward's output or without it (the softmax rows' <do, o> summed from p and
+    dp in the C pass instead): at least as accurate as flash against FP64."""
     q, k, v, out, lse, do, scale = _case(*shape)
     vdim = shape[-1]
-    got = attention_kernel.backward(do, q, k, v, out, lse, scale, vdim)
+    got = attention_kernel.backward(do, q, k, v, out if with_out else None, lse, scale, vdim)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, True,
                                                                                   scale=scale)
     ref = _fp64_grads(q, k, v, do, scale)
@@ -91,3 +94,33 @@ def test_model_gradients_close_to_the_flash_path():
         rel = ((got[n] - want[n]).float().norm() / want[n].float().norm()).item()
         assert rel < 2e-2, (n, rel)
     assert any(not torch.equal(got[n], want[n]) for n in want)  # the kernel did run
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_recomputing_attention_keeps_no_output_for_the_kernel(fp8):
+    """The C backward needs no forward output, so the recomputing MLA does not keep one:
+    in bf16 only wo keeps the output (its input), under FP8 only wo's E4M3 copy remains,
+    and with the flash backward (kernel off) the bf16 output is kept as before."""
+    from moeforge.config import load_config
+    from moeforge.fp8 import Fp8Config, convert
+    from moeforge.model.attention import MLA
+
+    cfg = load_config("tiny", {"model.v_head_dim": 40}).model  # the output's size differs from the input's
+    torch.manual_seed(0)
+    attn = MLA(cfg)
+    if fp8:
+        attn = convert(attn, Fp8Config(enabled=True))
+    x = torch.randn(3, 40, cfg.dim).bfloat16()
+    o_elems = 3 * 40 * cfg.n_heads * cfg.v_head_dim
+
+    def kept_outputs():
+        saved, xx = [], x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = attn(xx)
+        out.float().sum().backward()
+        storages = {t.untyped_storage().data_ptr(): t.dtype for t in saved if t.numel() == o_elems}
+        return sorted(str(d) for d in storages.values())
+
+    assert kept_outputs() == (["torch.float8_e4m3fn"] if fp8 else ["torch.bfloat16"])
+    with attention_kernel.KERNEL.disabled():
+        assert kept_outputs() == ["torch.bfloat16"]

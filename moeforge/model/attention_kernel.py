@@ -51,27 +51,37 @@ KERNEL = NativeLibrary(Path(__file__).with_name("csrc") / "attn_bwd_cpu.c", BASE
                        "MOEFORGE_ATTN_KERNEL", "attention-backward kernel")
 
 
-def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def handles(*ts: torch.Tensor) -> bool:
+    """Whether :func:`backward` takes causal self-attention over these bf16 [B, H, S, D]
+    tensors (q, k, v, and any others it gets): the recomputing attention asks in forward,
+    because when it does, the forward's output need not be kept."""
+    if (any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in ts)
+            or torch.compiler.is_compiling() or ts[0].numel() == 0):
+        return False
+    s, t = ts[0].shape[2], ts[1].shape[2]
+    # training's causal self-attention only, S <= 512 (the C kernel's row buffer)
+    return s * t <= MAX_KEYS_X_QUERIES and t == s and KERNEL.get() is not None
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None,
              lse: torch.Tensor, scale: float, vdim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(dq, dk, dv) of causal ``softmax(q k^T * scale) v`` for [B, H, S, D] bf16 q, k, v
-    (V zero beyond ``vdim``), the forward's ``out`` and log-sum-exp ``lse`` [B, H, S]
-    and the output gradient ``do``; or None (use the flash backward). ``out`` and ``do``
-    are [B, H, S, >= vdim], views welcome: only their first ``vdim`` columns are read."""
-    ts = (do, q, k, v, out)
-    if (any(type(t) is not torch.Tensor or t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in ts)
-            or lse.dtype != torch.float32 or torch.compiler.is_compiling() or q.numel() == 0):
+    (V zero beyond ``vdim``), the forward's log-sum-exp ``lse`` [B, H, S] and the output
+    gradient ``do``; or None (use the flash backward). With the forward's ``out`` the
+    softmax gradient's row sums <do_i, o_i> are taken from it (flash's way), without
+    (None) the C pass computes them as sum_j p_ij dp_ij, the same quantity before the
+    output's bf16 rounding. ``out`` and ``do`` are [B, H, S, >= vdim], views welcome:
+    only their first ``vdim`` columns are read."""
+    if not handles(q, k, v, do, *([] if out is None else [out])) or lse.dtype != torch.float32:
         return None
     b, h, s, d = q.shape
     t = k.shape[2]
-    if s * t > MAX_KEYS_X_QUERIES or t != s:  # training's causal self-attention only
-        return None
     lib = KERNEL.get()
-    if lib is None:
-        return None
     n = b * h
     dv_width = v.shape[-1]
     q3, k3, v3 = q.reshape(n, s, d), k.reshape(n, t, d), v.reshape(n, t, dv_width)
-    do3, o3 = (x.reshape(n, s, x.shape[-1])[..., :vdim] for x in (do, out))
+    do3 = do.reshape(n, s, do.shape[-1])[..., :vdim]
+    o3 = None if out is None else out.reshape(n, s, out.shape[-1])[..., :vdim]
     lse2 = lse.reshape(n, s)
     dq, dk = torch.empty(n, s, d, dtype=q.dtype), torch.empty(n, t, d, dtype=q.dtype)
     dv = torch.zeros(n, t, dv_width, dtype=q.dtype)
@@ -81,10 +91,11 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         dof = do3[c].float()
         scores = torch.bmm(q3[c].float(), k3[c].float().transpose(1, 2))
         dp = torch.bmm(dof, v3[c][..., :vdim].float().transpose(1, 2))
-        dsum = (dof * o3[c].float()).sum(-1).contiguous()
+        dsum = None if o3 is None else (dof * o3[c].float()).sum(-1).contiguous()
         lse_c = lse2[c].contiguous()
         p, ds = torch.empty(scores.shape, dtype=q.dtype), torch.empty(scores.shape, dtype=q.dtype)
-        lib.mf_attn_probs_bwd(scores.data_ptr(), dp.data_ptr(), lse_c.data_ptr(), dsum.data_ptr(), scores.shape[0],
+        lib.mf_attn_probs_bwd(scores.data_ptr(), dp.data_ptr(), lse_c.data_ptr(),
+                              None if dsum is None else dsum.data_ptr(), scores.shape[0],
                               s, float(scale), p.data_ptr(), ds.data_ptr(), torch.get_num_threads())
         del scores, dp
         dv[c, :, :vdim] = torch.bmm(p.transpose(1, 2), do3[c])

@@ -25,9 +25,12 @@ Choices:
   (:func:`fp32_linear`), dense layers (:func:`linear`) and FP8 GEMMs look the output up
   in a registry :func:`rms_norm` fills (:func:`norm_source`) and keep the norm's input,
   which the norm keeps anyway; backward runs the norm again, bit for bit.
-- :func:`recomputed_attention` keeps the two latents the up-projections start from, the
-  attention output (in the output projection's layout, so the bf16 model saves that
-  tensor once for both) and the log-sum-exp; q, k, v are rebuilt in backward. About a
+- :func:`recomputed_attention` keeps the two latents the up-projections start from and
+  the log-sum-exp; q, k, v are rebuilt in backward. The attention output is kept only
+  for the flash backward (in the output projection's layout, so a bf16 output projection
+  keeps that same tensor): the C backward sums the softmax rows' <do, o> from p and dp
+  and needs no output, so under FP8 only wo's E4M3 copy of it remains (1 byte per
+  element instead of 2; V3 also keeps this activation in a narrow format, E5M6). About a
   quarter of what attention kept before, for two extra small GEMMs. Its backward runs on
   ``attention_kernel.py`` (batched GEMMs around one C pass, ~1.45x the flash kernel's speed
   at these lengths) where that applies, else on the flash-attention backward.
@@ -272,8 +275,10 @@ class _RecomputedAttentionFn(torch.autograd.Function):
             q, k, v = project(q_src, kv_src)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)
         o = out[..., :vdim].transpose(1, 2).contiguous()  # [B, S, H, vdim]: the output projection's input
-        ctx.save_for_backward(q_src, kv_src, o, lse)
-        ctx.project, ctx.scale, ctx.params, ctx.padded = project, scale, params, out.shape[-1]
+        # The C backward needs no output (attention_kernel.backward); the flash one does
+        ctx.keeps_output = not attention_kernel.handles(q, k, v)
+        ctx.save_for_backward(q_src, kv_src, o if ctx.keeps_output else None, lse)
+        ctx.project, ctx.scale, ctx.params, ctx.padded, ctx.vdim = project, scale, params, out.shape[-1], vdim
         return o
 
     @staticmethod
@@ -282,8 +287,11 @@ class _RecomputedAttentionFn(torch.autograd.Function):
         srcs = [t.detach().requires_grad_(need) for t, need in zip((q_src, kv_src), ctx.needs_input_grad[3:5])]
         with torch.enable_grad():
             q, k, v = ctx.project(*srcs)  # the up-projections again, bit for bit
-        grads = attention_kernel.backward(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, ctx.scale, o.shape[-1])
+        o_t = None if o is None else o.transpose(1, 2)
+        grads = attention_kernel.backward(do.transpose(1, 2).to(q.dtype), q, k, v, o_t, lse, ctx.scale, ctx.vdim)
         if grads is None:  # the flash kernel wants the padded output columns (exactly zero: V's padding)
+            if o is None:
+                raise RuntimeError("attention backward: the C kernel declined what it accepted in forward")
             out = o.new_zeros(o.shape[0], o.shape[2], o.shape[1], ctx.padded)
             out[..., : o.shape[-1]] = o.transpose(1, 2)
             dout = do.new_zeros(out.shape)
@@ -307,7 +315,7 @@ def recomputed_attention(project, q_src: torch.Tensor, kv_src: torch.Tensor, par
     ``scaled_dot_product_attention`` dispatches to); gradients are bit-identical to
     autograd through the same code."""
     o = _RecomputedAttentionFn.apply(project, scale, vdim, q_src, kv_src, *params)
-    if o.requires_grad and not torch.compiler.is_compiling():
+    if o.requires_grad and not torch.compiler.is_compiling() and o.grad_fn.keeps_output:
         _KEPT[o] = o._version  # saved as it is: the output projection need not keep a copy
     return o
 

@@ -10,27 +10,39 @@
  *   ds[i, j] = p[i, j] * (dp[i, j] - dsum[i]) * scale
  *
  * with s = q k^T and dp = do v^T in FP32, lse the forward's log-sum-exp and dsum[i] =
- * <do_i, o_i>. Both outputs are rounded once to bf16 (the operands of the dV, dQ and dK
- * GEMMs). exp is exp_nonpos (mf_bits.h): arguments are <= 0 up to rounding. Rows above the
- * diagonal are written as zeros without computing anything.
+ * <do_i, o_i>. Without a dsum (NULL) the row computes it as sum_j p[i, j] dp[i, j], the
+ * same number (o_i = sum_j p[i, j] v_j, so <do_i, o_i> = sum_j p[i, j] <do_i, v_j>) without
+ * the forward's output, which then need not be kept for backward; the row's p waits in a
+ * buffer between the two sweeps. Both outputs are rounded once to bf16 (the operands of
+ * the dV, dQ and dK GEMMs). exp is exp_nonpos (mf_bits.h): arguments are <= 0 up to
+ * rounding. Rows above the diagonal are written as zeros without computing anything.
  */
 #include <stdint.h>
 
 #include "mf_bits.h"
 
-/* s, dp [N, S, S] FP32 contiguous; lse, dsum [N, S] FP32; p, ds [N, S, S] bf16 out.
- * Query i sees keys j <= i (causal self-attention). */
+/* s, dp [N, S, S] FP32 contiguous; lse [N, S], dsum [N, S] or NULL FP32; p, ds [N, S, S]
+ * bf16 out. Query i sees keys j <= i (causal self-attention). S <= MF_ATTN_MAX_S. */
+#define MF_ATTN_MAX_S 512
+
 void mf_attn_probs_bwd(const float *s, const float *dp, const float *lse, const float *dsum, int64_t N, int64_t S,
                        float scale, uint16_t *p, uint16_t *ds, int nthreads) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t r = 0; r < N * S; r++) {
         const int64_t end = r % S + 1, o = r * S;
-        const float l = lse[r], d = dsum[r];
+        const float l = lse[r];
+        float pb[MF_ATTN_MAX_S], d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t j = 0; j < end; j++) {
+            pb[j] = exp_nonpos(s[o + j] * scale - l);
+            d += pb[j] * dp[o + j];
+        }
+        if (dsum)
+            d = dsum[r];
 #pragma omp simd
         for (int64_t j = 0; j < end; j++) {
-            float pv = exp_nonpos(s[o + j] * scale - l);
-            p[o + j] = bf16_round(pv);
-            ds[o + j] = bf16_round(pv * (dp[o + j] - d) * scale);
+            p[o + j] = bf16_round(pb[j]);
+            ds[o + j] = bf16_round(pb[j] * (dp[o + j] - d) * scale);
         }
         for (int64_t j = end; j < S; j++) { p[o + j] = 0; ds[o + j] = 0; }
     }
