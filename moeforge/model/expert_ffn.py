@@ -12,7 +12,7 @@ Choices:
   row's token (``token``; the MoE layer's local dispatch), it gathers its rows itself (one
   C pass with the padding, ``gather_rows``) and keeps x as the token rows, or, when they
   are an RMSNorm's output, nothing new: backward rebuilds them from the norm's input
-  (``recompute.norm_source``), shared with the shared experts, and sums the input
+  (``recompute.source``), shared with the shared experts, and sums the input
   gradient per token (the gather's backward). Under FP8 the token rows are quantized once
   (1x128 tiles are per row, so the gathered E4M3 rows are the same bits). DeepSeek-V3 (TR section 3.3.2) caches
   the SwiGLU inputs and recomputes its output h = silu(a) * b in backward; with FP8 those
@@ -230,12 +230,12 @@ class _ExpertFFNFn(torch.autograd.Function):
         y = ops.repad(ops.forward(ops.input(h), w2, padded, x.dtype), padded, counts)
         # x as kept for Wgrad: a norm's output is rebuilt from the norm's input (kept by the
         # norm anyway), anything else kept as its GEMM operand (E4M3 under FP8)
-        source = recompute.norm_source(x) if token is not None else None
-        packs = [ops.pack(xo) if source is None else source[:2], ops.pack(ops.repad(ops.keep(ab), padded, counts))]
+        src = recompute.source(x) if token is not None else None
+        packs = [ops.pack(xo) if src is None else src[0], ops.pack(ops.repad(ops.keep(ab), padded, counts))]
         ctx.sizes = [len(p) for p in packs]
         ctx.save_for_backward(*[t for p in packs for t in p], gate, w1, w2, w3, token)
         ctx.counts, ctx.padded, ctx.ops, ctx.dtype = counts, padded, ops, ab.dtype
-        ctx.source, ctx.x_rows = None if source is None else source[2:], x.shape[0]
+        ctx.rebuild, ctx.x_rows = None if src is None else src[1], x.shape[0]
         return y * gate.to(y.dtype).unsqueeze(-1)
 
     @staticmethod
@@ -267,8 +267,8 @@ class _ExpertFFNFn(torch.autograd.Function):
             dw2 = ops.grads(dout_p * gate_p, ops.wgrad_input(h, padded), w2, padded, False, True)[1]
         xw = None
         if need_w1 or need_w3:
-            if ctx.source is not None:  # the norm's output again (shared with the shared experts), quantized again
-                xo = ops.input(recompute.rebuild_norm(*x_saved, *ctx.source))
+            if ctx.rebuild is not None:  # the norm's output again (shared with the shared experts), quantized again
+                xo = ops.input(ctx.rebuild(*x_saved))
             else:
                 xo = ops.unpack(tuple(x_saved))
             xp = ops.repad(xo, counts, padded) if token is None else ops.gather(xo, token, counts, padded)

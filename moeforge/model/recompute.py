@@ -21,10 +21,14 @@ Choices:
   kernel. With ``fp8`` set (``fp8.convert`` does when ``fp8.cache_swiglu``), a and b are
   saved as E4M3 with 1x128 scales instead, as V3 does; backward then runs on their
   dequantized values (a deliberate approximation, part of the FP8 recipe).
-- Norm outputs are rebuilt, not kept, by the consumers that know how: the router
-  (:func:`fp32_linear`), dense layers (:func:`linear`) and FP8 GEMMs look the output up
-  in a registry :func:`rms_norm` fills (:func:`norm_source`) and keep the norm's input,
-  which the norm keeps anyway; backward runs the norm again, bit for bit.
+- Norm and SwiGLU outputs are rebuilt, not kept, by the consumers that know how: the
+  router (:func:`fp32_linear`), dense layers (:func:`linear`), FP8 GEMMs and the routed
+  experts look the output up in a registry :func:`rms_norm` and :func:`swiglu` fill
+  (:func:`source`) and keep what the producer keeps anyway (the norm's input; the
+  SwiGLU's inputs); backward runs the producer's forward again, bit for bit (the
+  FP8-cached SwiGLU: from its E4M3 inputs, as V3 recomputes it). For the dense and shared
+  MLPs that drops the down projection's copy of the SwiGLU output (1 MB of bf16 per
+  shared expert and 3 MB per dense layer on the small preset).
 - :func:`recomputed_attention` keeps the two latents the up-projections start from and
   the log-sum-exp; q, k, v are rebuilt in backward. The attention output is kept only
   for the flash backward (in the output projection's layout, so a bf16 output projection
@@ -41,6 +45,9 @@ Choices:
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +76,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        getattr(ctx, "cell", []).clear()  # consumers' rebuilt output: all of them are done
         x, rstd, weight = ctx.saved_tensors
         done = norm_kernel.backward(x, weight, dy, rstd, ctx.needs_input_grad[1])
         if done is not None:
@@ -87,18 +95,33 @@ class _RMSNormFn(torch.autograd.Function):
         return dx.to(x.dtype), dw, None
 
 
-# Norm outputs a later consumer may rebuild instead of saving: output -> (its version, the
-# norm's input, weight, eps), held only while the output lives (the norm saves its input
-# anyway, so rebuilding from it keeps nothing new). Same pattern as FP8's shared input copy.
-_NORM_SOURCES = WeakIdKeyDictionary()
+# Outputs a later consumer may rebuild in backward instead of saving: output -> (its
+# version, the tensors its producer saves anyway, a function of them giving the output,
+# the cell the rebuilt output is shared in), held only while the output lives. Norm outputs
+# (rebuilt from the norm's input) and SwiGLU outputs (from its saved inputs) register here.
+_SOURCES = WeakIdKeyDictionary()
+
+
+def _register(out: torch.Tensor, tensors: tuple[torch.Tensor, ...], make: Callable[..., torch.Tensor],
+              exact: bool = True) -> None:
+    """Register ``out = make(*tensors)`` (``exact``: the same bits). The producer's backward
+    (``out.grad_fn``, which runs after every consumer's) gets the cell, to reuse what a
+    rebuild left there and to empty it."""
+    if out.requires_grad and not torch.compiler.is_compiling():
+        cell: list = []  # the rebuilt output (and what else ``make`` returned), once
+        _SOURCES[out] = (out._version, tensors, make, cell, exact)
+        out.grad_fn.cell = cell
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` computed in FP32, returned in x's dtype; saves x and rstd."""
     y = _RMSNormFn.apply(x, weight, eps)
-    if y.requires_grad and not torch.compiler.is_compiling():
-        _NORM_SOURCES[y] = (y._version, x, weight, eps, [])  # [] : the rebuilt output, once
+    _register(y, (x, weight), partial(_norm_output, eps=eps))
     return y
+
+
+def _norm_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_forward(x, weight, eps)[0]
 
 
 # Outputs a Function here saves exactly as it returns them (the attention output): a
@@ -118,84 +141,100 @@ def kept_as_is(t: torch.Tensor) -> bool:
     return False
 
 
-def rebuild_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, cell: list) -> torch.Tensor:
-    """:func:`rms_norm`'s output for input ``x`` again (the same bits), computed once per
-    forward call: its consumers (wq_a and wkv_a, the router and the shared expert's
-    w1/w3) share ``cell``, which :func:`norm_source` handed to each of them. Rebuilding
-    once per consumer cost ~7% of a small bf16 step. (A lookup keyed by the input tensor
-    served wrong values under pipeline schedules; the cell lives exactly as long as the
-    consumers' graph nodes.)"""
+def _rebuild(make: Callable[..., torch.Tensor], cell: list, *tensors: torch.Tensor) -> torch.Tensor:
     if not cell:
-        cell.append(rms_forward(x, weight, eps)[0])
+        out = make(*tensors)
+        cell.extend(out if isinstance(out, tuple) else (out,))
     return cell[0]
 
 
-def norm_source(t: torch.Tensor):
-    """(input, weight, eps, cell) of the :func:`rms_norm` whose output ``t`` is (or is a
-    view of), unchanged since; else None. ``cell`` is for :func:`rebuild_norm`."""
+def source(t: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable[..., torch.Tensor], bool] | None:
+    """When ``t`` (or the tensor it views) is a registered output unchanged since: (the
+    tensors its producer keeps for backward anyway, ``rebuild``, ``exact``), so a consumer
+    can save those (no new bytes) and call ``rebuild(*tensors)`` in backward; else None.
+
+    ``rebuild`` gives the output again, the same bits when ``exact`` (norms), else an
+    approximation (the FP8-cached SwiGLU: from its E4M3 inputs, V3's recomputation). It
+    runs once per forward call: consumers of one output (wq_a and wkv_a; the router,
+    shared and routed experts) share it. Rebuilding once per consumer cost ~7% of a small
+    bf16 step. (A lookup keyed by the producer's input served wrong values under pipeline
+    schedules; the cell lives exactly as long as the consumers' graph nodes, or until the
+    producer's backward empties it.)"""
     if torch.compiler.is_compiling():
         return None
     for key in (t, t._base):
-        hit = _NORM_SOURCES.get(key) if key is not None else None
+        hit = _SOURCES.get(key) if key is not None else None
         if hit is not None and hit[0] == key._version:
-            return hit[1:]
+            return hit[1], partial(_rebuild, hit[2], hit[3]), hit[4]
     return None
 
 
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, fp8) -> torch.Tensor:
-        if fp8 is not None:
-            from moeforge.fp8.quant import quantize
-
-            blk = (1, fp8.block_size)
-            qa, qb = (quantize(t, blk, eps=fp8.eps, power_of_2=fp8.power_of_2_scales) for t in (a, b))
-            ctx.save_for_backward(qa.data, qa.scale, qb.data, qb.scale)
-            ctx.block = blk
-        else:
-            ctx.save_for_backward(a, b)
-        ctx.fp8, ctx.dtype = fp8, a.dtype
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, kept: tuple[torch.Tensor, ...], make) -> torch.Tensor:
+        ctx.save_for_backward(*kept)  # a and b, or their E4M3 copies and scales
+        ctx.make = make
         return F.silu(a) * b
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        if ctx.fp8 is not None:
-            from moeforge.fp8.quant import Fp8Tensor, dequantize
-
-            ad, asc, bd, bsc = ctx.saved_tensors
-            a, b = (dequantize(Fp8Tensor(d, s, ctx.block), ctx.dtype) for d, s in ((ad, asc), (bd, bsc)))
-        else:
-            a, b = ctx.saved_tensors
+        cell = getattr(ctx, "cell", [])
+        # the down projection's rebuild of the output left (h, a, b) here: a and b as used there
+        a, b = cell[1:3] if len(cell) == 3 else ctx.make(*ctx.saved_tensors, inputs=True)
+        cell.clear()
         da = torch.ops.aten.silu_backward(dy * b, a) if ctx.needs_input_grad[0] else None
         db = dy * F.silu(a) if ctx.needs_input_grad[1] else None
-        return da, db, None
+        return da, db, None, None
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
     """``silu(a) * b``; saves a and b (E4M3 with 1x128 scales when ``fp8`` is an
-    ``Fp8Config``), recomputes silu(a) in backward."""
-    return _SwiGLUFn.apply(a, b, fp8)
+    ``Fp8Config``), recomputes silu(a) in backward. Its output is a :func:`source`: the
+    down projection keeps nothing of its own and rebuilds it from what this saves."""
+    if fp8 is None:
+        kept, make = (a, b), _swiglu_output
+    else:
+        from moeforge.fp8.quant import quantize
+
+        blk = (1, fp8.block_size)
+        with torch.no_grad():
+            qa, qb = (quantize(t, blk, eps=fp8.eps, power_of_2=fp8.power_of_2_scales) for t in (a, b))
+        kept, make = (qa.data, qa.scale, qb.data, qb.scale), partial(_fp8_swiglu_output, block=blk, dtype=a.dtype)
+    h = _SwiGLUFn.apply(a, b, kept, make)
+    _register(h, kept, make, exact=fp8 is None)
+    return h
+
+
+def _swiglu_output(a: torch.Tensor, b: torch.Tensor, inputs: bool = False):
+    """(silu(a) * b, a, b) from what :func:`swiglu` keeps (``inputs``: just a and b)."""
+    return (a, b) if inputs else (F.silu(a) * b, a, b)
+
+
+def _fp8_swiglu_output(ad, asc, bd, bsc, block, dtype, inputs: bool = False):
+    """The same from the E4M3 copies: their dequantized values, V3's recomputation."""
+    from moeforge.fp8.quant import Fp8Tensor, dequantize
+
+    a, b = (dequantize(Fp8Tensor(d, sc, block), dtype) for d, sc in ((ad, asc), (bd, bsc)))
+    return (a, b) if inputs else (F.silu(a) * b, a, b)
 
 
 # ----------------------------------------------------------------------------- MoE router and combine
 def _save_input(ctx, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """Save a GEMM's input and weight; when x is a norm's output (:func:`norm_source`),
-    the norm's input (kept by the norm anyway) instead of x."""
-    source = norm_source(x)
-    if source is None:
-        ctx.save_for_backward(x, weight)
-    else:
-        ctx.save_for_backward(source[0], source[1], weight)
-        ctx.eps, ctx.cell = source[2], source[3]
-    ctx.rebuild, ctx.x_shape = source is not None, x.shape
+    """Save a GEMM's input and weight; when x is a norm's or SwiGLU's output
+    (:func:`source`), what that keeps anyway instead of x."""
+    src = source(x)
+    if src is not None and not src[2]:  # an approximate rebuild is for FP8 GEMMs, which re-round anyway
+        src = None
+    ctx.save_for_backward(*((x,) if src is None else src[0]), weight)
+    ctx.rebuild, ctx.x_shape = None if src is None else src[1], x.shape
 
 
 def _saved_input(ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, weight) as :func:`_save_input` saved them; a norm output rebuilt, bit for bit."""
-    if not ctx.rebuild:
-        return ctx.saved_tensors
-    nx, nw, weight = ctx.saved_tensors
-    return rebuild_norm(nx, nw, ctx.eps, ctx.cell).reshape(ctx.x_shape), weight
+    """(x, weight) as :func:`_save_input` saved them; an output rebuilt, bit for bit."""
+    *xs, weight = ctx.saved_tensors
+    if ctx.rebuild is None:
+        return xs[0], weight
+    return ctx.rebuild(*xs).reshape(ctx.x_shape), weight
 
 
 class _Fp32LinearFn(torch.autograd.Function):
