@@ -103,15 +103,17 @@ def main() -> None:
                   summary=summary, notes=[
                       "One forward of the trainer's loss path per preset and precision (tiny: 16x128 tokens, small: "
                       "8x256); each storage counted once, at the innermost module running when it was saved; "
-                      "parameters excluded. Fp8Linear/Linear rows are GEMM inputs (E4M3 + scales under FP8), "
-                      "MLA keeps its latents, output and log-sum-exp (q/k/v are recomputed), RMSNorm its input "
-                      "(the residual stream), GroupedExperts the routed experts' input and SwiGLU inputs "
-                      "(unpadded; the SwiGLU output is recomputed and the routing weight's gradient needs no "
-                      "output rows), MoE the router's scores and dispatch indices. Norm outputs are kept by "
-                      "nobody: their consumers rebuild them from the norm's input.",
+                      "parameters excluded. Fp8Linear/Linear rows are GEMM inputs (E4M3 + scales under FP8; "
+                      "bf16 wo keeps the attention output), MLA keeps its latents and log-sum-exp (q/k/v are "
+                      "recomputed; the C attention backward needs no output), RMSNorm its input (the residual "
+                      "stream), GroupedExperts the SwiGLU inputs (unpadded; the SwiGLU output is recomputed, the "
+                      "routing weight's gradient needs no output rows, and the experts' input rows are gathered "
+                      "from the FFN norm's output, which is rebuilt), MLP its SwiGLU inputs (the down "
+                      "projection rebuilds the SwiGLU output from them), MoE the router's scores and dispatch "
+                      "indices. Norm and SwiGLU outputs are kept by nobody: their consumers rebuild them.",
                       "The '(all saved ... tensors)' rows split the same saved bytes by dtype: under FP8 the "
                       "bf16 that remains is what V3 also keeps in high precision (the residual stream at the "
-                      "norms, the MLA latents and attention output, the MTP projection's input).",
+                      "norms, the MLA latents, the MTP projection's input).",
                       "The head-loss row is memory the fused loss holds between forward and backward (its "
                       "precomputed gradients), which saved-tensor counts elsewhere in these benchmarks miss."])
 
