@@ -167,8 +167,7 @@ def test_router_rebuilds_a_norm_output_instead_of_keeping_it():
                    and t.data_ptr() == y.data_ptr() for t in saved)
     assert any(t.data_ptr() == hh.data_ptr() for t in saved)  # the norm's input, shared
     # consumers of one norm share one rebuild, equal to the forward's output
-    tensors, rebuild, exact = recompute.source(y.view(-1, 64))
-    assert exact
+    tensors, rebuild = recompute.source(y.view(-1, 64))
     again = rebuild(*tensors)
     assert again is rebuild(*tensors) and torch.equal(again, y)
     y.mul_(2)  # changed in place: the router must keep it, not rebuild the old value
@@ -210,48 +209,35 @@ def test_dense_linear_keeps_master_weight_and_rebuilds_norm_output(fp8):
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_down_projection_rebuilds_the_swiglu_output(fp8, monkeypatch):
-    """An MLP's down projection keeps no copy of the SwiGLU output (bf16 or E4M3): it
-    rebuilds it from the SwiGLU's saved inputs. bf16: bit-identical gradients to keeping
-    the copy. FP8: the rebuild is from the E4M3 inputs (V3's recomputation) and w2's Wgrad
-    quantizes it 128x1 directly, so only w2's gradient moves, within FP8 error (calc_diff
-    against FP32 autograd no worse than keeping the E4M3 copy, x1.5)."""
-    from moeforge.fp8 import Fp8Config, calc_diff, convert
+    """bf16: an MLP's down projection keeps no copy of the SwiGLU output, it rebuilds it
+    from the SwiGLU's saved inputs, with bit-identical gradients to keeping the copy. FP8:
+    it keeps its E4M3 copy (a rebuild from the E4M3 inputs cost accuracy, see swiglu())."""
+    from moeforge.fp8 import Fp8Config, convert
     from moeforge.model.layers import MLP
 
     torch.manual_seed(0)
     mlp = MLP(256, 384)
-    ref_mlp = MLP(256, 384)
-    ref_mlp.load_state_dict(mlp.state_dict())
     if fp8:
         mlp = convert(mlp, Fp8Config(enabled=True))
     x = torch.randn(4, 150, 256).bfloat16()
     dy = torch.randn(4, 150, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
     h_elems = 4 * 150 * 384
 
-    def run(model, dtype=torch.bfloat16):
-        model.zero_grad()
-        saved, xx = [], x.to(dtype, copy=True).requires_grad_()
+    def run():
+        mlp.zero_grad()
+        saved, xx = [], x.clone().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = model(xx)
-        out.backward(dy.to(dtype))
-        grads = [out, xx.grad, *(p.grad.clone() for p in model.parameters())]
+            out = mlp(xx)
+        out.backward(dy)
+        grads = [out, xx.grad, *(p.grad.clone() for p in mlp.parameters())]
         return grads, {t.untyped_storage().data_ptr(): t.dtype for t in saved if t.numel() == h_elems}
 
-    lean, kept = run(mlp)
-    assert len(kept) == 2  # a and b (or their E4M3 copies), nothing for h
+    lean, kept = run()
+    assert len(kept) == (3 if fp8 else 2)  # a and b (E4M3 under FP8, plus w2's copy of h)
     monkeypatch.setattr(recompute, "_register", lambda *args, **kw: None)
-    copy, kept = run(mlp)
-    assert len(kept) == 3  # ... and h, when nothing can be rebuilt
-    if not fp8:
-        assert all(torch.equal(p, q) for p, q in zip(lean, copy))
-        return
-    ref, _ = run(ref_mlp, torch.float32)
-    names = ["out", "x", *(n for n, _ in mlp.named_parameters())]
-    for name, got, alt, want in zip(names, lean, copy, ref):
-        err, err_copy = calc_diff(got.double(), want.double()), calc_diff(alt.double(), want.double())
-        assert err < 1.5 * err_copy + 1e-6, (name, err, err_copy)
-        if name != "w2.weight":
-            assert torch.equal(got, alt), name
+    copy, kept = run()
+    assert len(kept) == 3  # a, b and h when nothing can be rebuilt
+    assert all(torch.equal(p, q) for p, q in zip(lean, copy))
 
 
 @pytest.mark.parametrize("over", [{}, {"model.q_lora_rank": 0}, {"model.v_head_dim": 48}],

@@ -218,12 +218,11 @@ class _Fp8LinearFn(torch.autograd.Function):
         xq, wq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1])), ops.weight(weight)
         y = ops.gemm(xq, wq, x.dtype)
         # Kept for backward: x's E4M3 copy, or nothing new when x is kept anyway: a norm's
-        # output is rebuilt from the norm's input (the same bits), a SwiGLU's from its E4M3
-        # inputs (V3's recomputation), and a tensor saved as is is kept itself; backward
-        # quantizes it again.
+        # output is rebuilt from the norm's input, and a tensor saved as is is kept itself;
+        # either way backward quantizes it again (the same bits).
         # W: the master, not its FP8 copy (quantized again in backward, the same bits).
         src = recompute.source(x)
-        ctx.how, ctx.rebuild = ("fp8", None) if src is None else ("rebuild" if src[2] else "approx", src[1])
+        ctx.how, ctx.rebuild = ("fp8", None) if src is None else ("rebuild", src[1])
         kept = (xq.data, xq.scale) if src is None else src[0]
         if src is None and recompute.kept_as_is(x):
             ctx.how, kept = "kept", (x,)
@@ -235,12 +234,8 @@ class _Fp8LinearFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         ops = ctx.ops
         *xs, weight = ctx.saved_tensors
-        xq = x_col = None
         if ctx.how == "fp8":
             xq = Fp8Tensor(xs[0], xs[1], (1, ops.block))
-        elif ctx.how == "approx" and ctx.needs_input_grad[1]:  # not the forward's x anyway: straight to 128x1
-            x = ctx.rebuild(*xs)
-            x_col = ops.quantize(x.reshape(-1, x.shape[-1]), "col")
         elif ctx.needs_input_grad[1]:  # x again, then the forward's quantization: the same bits
             x = ctx.rebuild(*xs) if ctx.how == "rebuild" else xs[0]
             xq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1]))  # shared by wq_a/wkv_a, w1/w3
@@ -250,7 +245,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         if dy_row is not None:  # only Dgrad reads W
             dx = ops.gemm(dy_row, ops.weight(weight).t(), dy.dtype).reshape(ctx.x_shape)
         if dy_col is not None:
-            x_col = x_col if xq is None else ops.retile(xq, "col")  # 1x128 -> 128x1
+            x_col = ops.retile(xq, "col")  # 1x128 -> 128x1
             dw = ops.gemm(dy_col.t(), x_col.t(), ctx.w_dtype)
         return dx, dw, None
 

@@ -12,9 +12,9 @@ Choices:
   row's token (``token``; the MoE layer's local dispatch), it gathers its rows itself (one
   C pass with the padding, ``gather_rows``) and keeps x as the token rows, or, when they
   are an RMSNorm's output, nothing new: backward rebuilds them from the norm's input
-  (``recompute.source``), shared with the shared experts, and sums the input
-  gradient per token (the gather's backward). Under FP8 the token rows are quantized once
-  (1x128 tiles are per row, so the gathered E4M3 rows are the same bits). DeepSeek-V3 (TR section 3.3.2) caches
+  (``recompute.source``), shared with the shared experts, and sums the input gradient per
+  token (the gather's backward). Under FP8 the token rows are quantized once (1x128 tiles
+  are per row, so the gathered E4M3 rows are the same bits). DeepSeek-V3 (TR 3.3.2) caches
   the SwiGLU inputs and recomputes its output h = silu(a) * b in backward; with FP8 those
   inputs (and x) are E4M3 with 1x128 scales, so there h is recomputed from their
   dequantized values, as published.
