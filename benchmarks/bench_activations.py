@@ -108,9 +108,10 @@ def main() -> None:
                       "recomputed; the C attention backward needs no output), RMSNorm its input (the residual "
                       "stream), GroupedExperts the SwiGLU inputs (unpadded; the SwiGLU output is recomputed, the "
                       "routing weight's gradient needs no output rows, and the experts' input rows are gathered "
-                      "from the FFN norm's output, which is rebuilt), MLP its SwiGLU inputs (the down "
-                      "projection rebuilds the SwiGLU output from them), MoE the router's scores and dispatch "
-                      "indices. Norm and SwiGLU outputs are kept by nobody: their consumers rebuild them.",
+                      "from the FFN norm's output, which is rebuilt), MLP its SwiGLU inputs (in bf16 the down "
+                      "projection rebuilds the SwiGLU output from them; under FP8 it keeps its E4M3 copy), MoE the router's scores and dispatch "
+                      "indices. Norm outputs (and bf16 SwiGLU outputs) are kept by nobody: their consumers "
+                      "rebuild them.",
                       "The '(all saved ... tensors)' rows split the same saved bytes by dtype: under FP8 the "
                       "bf16 that remains is what V3 also keeps in high precision (the residual stream at the "
                       "norms, the MLA latents, the MTP projection's input).",
