@@ -104,10 +104,9 @@ _SOURCES = WeakIdKeyDictionary()
 
 def _register(out: torch.Tensor, tensors: tuple[torch.Tensor, ...], make: Callable[..., torch.Tensor]) -> None:
     """Register ``out = make(*tensors)`` (the same bits). The producer's backward
-    (``out.grad_fn``, which runs after every consumer's) gets the cell, to reuse what a
-    rebuild left there and to empty it."""
+    (``out.grad_fn``, which runs after every consumer's) gets the cell, to empty it."""
     if out.requires_grad and not torch.compiler.is_compiling():
-        cell: list = []  # the rebuilt output (and what else ``make`` returned), once
+        cell: list = []  # the rebuilt output, once
         _SOURCES[out] = (out._version, tensors, make, cell)
         out.grad_fn.cell = cell
 
@@ -142,8 +141,7 @@ def kept_as_is(t: torch.Tensor) -> bool:
 
 def _rebuild(make: Callable[..., torch.Tensor], cell: list, *tensors: torch.Tensor) -> torch.Tensor:
     if not cell:
-        out = make(*tensors)
-        cell.extend(out if isinstance(out, tuple) else (out,))
+        cell.append(make(*tensors))
     return cell[0]
 
 
@@ -175,10 +173,8 @@ class _SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        cell = getattr(ctx, "cell", [])
-        # the down projection's rebuild of the output left (h, a, b) here
-        a, b = cell[1:3] if len(cell) == 3 else ctx.inputs(*ctx.saved_tensors)
-        cell.clear()
+        getattr(ctx, "cell", []).clear()  # the down projection's rebuilt output: it is done
+        a, b = ctx.inputs(*ctx.saved_tensors)
         da = torch.ops.aten.silu_backward(dy * b, a) if ctx.needs_input_grad[0] else None
         db = dy * F.silu(a) if ctx.needs_input_grad[1] else None
         return da, db, None, None
@@ -212,9 +208,8 @@ def _as_is(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
-def _swiglu_output(a: torch.Tensor, b: torch.Tensor):
-    """(silu(a) * b, a, b): the output for its consumer, a and b for the SwiGLU's backward."""
-    return F.silu(a) * b, a, b
+def _swiglu_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
 
 
 def _dequantized(ad, asc, bd, bsc, block, dtype) -> tuple[torch.Tensor, torch.Tensor]:
