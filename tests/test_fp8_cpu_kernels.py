@@ -93,6 +93,53 @@ def test_non_finite_tiles_match():
     _same(got.dq[finite], ref_dq[finite])
 
 
+def _e4m3_midpoint_inputs(amax: float) -> torch.Tensor:
+    """FP32 rows of 128 whose values, divided by their tile's scale (amax / 448, amax being
+    the first element), land on E4M3 rounding midpoints, 0-3 FP32 ulps either side of them:
+    where a quotient off by one ulp would round the other way."""
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # 0 .. 448
+    mid = (codes[:-1] + codes[1:]) / 2  # includes 2^-10 (the smallest) and the subnormal/normal edge
+    s = torch.tensor(amax, dtype=torch.float32) / 448.0
+    vals = []
+    for k in range(-3, 4):
+        x = mid * s
+        for _ in range(abs(k)):
+            x = torch.nextafter(x, torch.full_like(x, float("inf") if k > 0 else 0.0))
+        vals.append(x)
+    v = torch.cat(vals)
+    v = torch.cat([v, -v, torch.tensor([0.0, -0.0, 1e-30, -1e-38, 2.0 ** -140])])
+    n = -(-v.numel() // 127) * 127
+    v = torch.cat([v, torch.zeros(n - v.numel())]).view(-1, 127)
+    return torch.cat([torch.full((v.shape[0], 1), amax), v], dim=1)  # each row: one 1x128 tile
+
+
+@pytest.mark.parametrize("amax", [1344.0, 1478.4, 0.0123, 3.0e-5], ids=lambda a: f"amax{a:g}")
+def test_rounding_edges_match_the_division(amax):
+    """The C fast path divides by multiplying with 1/s plus two FMA corrections; at E4M3's
+    rounding midpoints (and for -0, underflowing values) it must give the division's bits."""
+    x = _e4m3_midpoint_inputs(amax)
+    for dq_dtype in (torch.float32, torch.bfloat16):
+        got = quantize(x, (1, 128), dq_dtype=dq_dtype)
+        with cpu_kernels.disabled():
+            ref = quantize(x, (1, 128))
+        _same(got.scale, ref.scale)
+        _same(_bits(got.data), _bits(ref.data))
+        _same(got.dq, _torch_dequant(ref, dq_dtype))
+    assert (_bits(got.data) == 0x80).any(), "a negative zero keeps its sign"
+
+
+def test_wide_random_inputs_match():
+    """Two million values over 60 binades: no rare misrounding of the fast path."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2048, 1024, generator=g) * torch.exp2(torch.randint(-30, 30, (2048, 1), generator=g).float())
+    x = x * torch.exp2(torch.randint(-12, 1, (2048, 1024), generator=g).float())
+    got = quantize(x, (1, 128), dq_dtype=torch.float32)
+    with cpu_kernels.disabled():
+        ref = quantize(x, (1, 128))
+    _same(_bits(got.data), _bits(ref.data))
+    _same(got.dq, _torch_dequant(ref, torch.float32))
+
+
 def test_threads_split_gives_the_same_result():
     x = _nasty((1024, 640), torch.bfloat16, seed=3)  # above the single-thread size limit
     old = torch.get_num_threads()
