@@ -179,7 +179,10 @@ def test_dense_linear_keeps_master_weight_and_rebuilds_norm_output(fp8):
     """A dense layer (bf16 ``Linear`` or ``Fp8Linear``) after an RMSNorm: the same output
     and gradients, bit for bit, as when its input is an ordinary tensor (a clone of the
     norm output), while it keeps neither a copy of its weight nor its input (in bf16 or
-    E4M3): only the norm's input, which the norm keeps anyway."""
+    E4M3): only the norm's input, which the norm keeps anyway. One FP8 exception, by
+    design: with the rebuilt bf16 input in hand, Wgrad quantizes it 128x1 directly instead
+    of re-tiling the 1x128 E4M3 copy, so its weight gradient is rounded once, not twice,
+    and must be closer to the exact product than the re-tiled one."""
     from moeforge.fp8 import Fp8Config, Fp8Linear
     from moeforge.model.layers import Linear
 
@@ -202,7 +205,16 @@ def test_dense_linear_keeps_master_weight_and_rebuilds_norm_output(fp8):
 
     plain, _, _ = run(fresh=True)
     lean, saved, norm_inputs = run(fresh=False)
-    assert all(torch.equal(p, q) for p, q in zip(plain, lean))
+    assert all(torch.equal(p, q) for p, q in zip(plain[:3], lean[:3]))
+    if fp8:
+        hh = h.double().requires_grad_()
+        ref_y = hh * torch.rsqrt(hh.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+        dy = torch.randn(4, 150, 384, generator=torch.Generator().manual_seed(1)).bfloat16().double()
+        exact = dy.reshape(-1, 384).t() @ ref_y.detach().reshape(-1, 256)
+        err = [((g.double() - exact).norm() / exact.norm()).item() for g in (plain[3], lean[3])]
+        assert err[1] < 0.9 * err[0], err
+    else:
+        assert torch.equal(plain[3], lean[3])
     kept = [t for t in saved if not isinstance(t, torch.nn.Parameter)]
     assert {t.data_ptr() for t in kept} == {t.data_ptr() for t in norm_inputs}, [(t.dtype, t.shape) for t in kept]
 
@@ -274,8 +286,11 @@ def test_recomputed_attention_bit_identical(over, monkeypatch):
 
 def test_fp8_output_projection_keeps_no_copy_of_the_attention_output(monkeypatch):
     """Under FP8, wo reads the attention output, which the recomputing attention saves as
-    it is: wo keeps that tensor (no new bytes) instead of an E4M3 copy and quantizes it
-    again in backward, bit for bit the same gradients as keeping the copy."""
+    it is: wo keeps that tensor (no new bytes) instead of an E4M3 copy, bit for bit the
+    same gradients as keeping the copy, but for wo's own weight gradient: Wgrad quantizes
+    the kept bf16 tensor 128x1 directly instead of re-tiling the E4M3 copy (one rounding,
+    not two; test_dense_linear_keeps_master_weight_and_rebuilds_norm_output shows it is
+    the more accurate), so that one differs a little."""
     from moeforge.fp8 import Fp8Config, convert
     from moeforge.model.attention import MLA
 
@@ -292,14 +307,16 @@ def test_fp8_output_projection_keeps_no_copy_of_the_attention_output(monkeypatch
             out = attn(xx)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
         fp8_o = [t for t in saved if t.dtype == torch.float8_e4m3fn and t.numel() == o_elems]
-        return [out, xx.grad, *(p.grad.clone() for p in attn.parameters())], fp8_o
+        return {"out": out, "x": xx.grad, **{n: p.grad.clone() for n, p in attn.named_parameters()}}, fp8_o
 
     lean, fp8_o = run()
     assert not fp8_o
     monkeypatch.setattr(recompute, "kept_as_is", lambda t: False)
     copy, fp8_o = run()
     assert len(fp8_o) == 1  # the copy it keeps otherwise
-    assert all(torch.equal(p, q) for p, q in zip(lean, copy))
+    differ = [k for k in lean if not torch.equal(lean[k], copy[k])]
+    assert differ == ["wo.weight"], differ
+    assert (lean["wo.weight"] - copy["wo.weight"]).float().norm() < 0.1 * copy["wo.weight"].float().norm()
 
 
 def test_grouped_linear_gradient_in_weight_layout(monkeypatch):

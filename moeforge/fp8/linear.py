@@ -10,7 +10,11 @@ GEMMs on blockwise-scaled E4M3 operands
   (square blocks make W.T's blocks W's blocks; the gradient is that of the function computed);
 - Wgrad  ``dW = dy.T @ x``  dy and x re-tiled 128x1 (128 tokens x 1 channel), so the scales
   again run along this GEMM's K, the token dimension. x comes from the FP8 copy saved in
-  the forward: dequantized and re-quantized, as V3 does (on CPU one C-kernel pass).
+  the forward: dequantized and re-quantized, as V3 does (on CPU one C-kernel pass). An x
+  that nobody keeps in FP8 because backward has it in bf16 anyway (a norm's output,
+  rebuilt from the norm's input, or a tensor kept as is) is quantized 128x1 straight from
+  those bf16 values: one rounding instead of two, one pass instead of two (1x128, then
+  the re-tiling), and one for both GEMMs reading it (wq_a/wkv_a, w1/w3).
 
 Choices:
 
@@ -196,18 +200,21 @@ def _grad_operands(ops: Fp8Ops, dy: torch.Tensor, dy_col: torch.Tensor, need_x: 
 # w3 (dense, shared and routed experts) the MLP input. Each used to quantize it and save
 # its own E4M3 copy; the memo below gives them one copy (one pass, one saved tensor),
 # keyed by the tensor object and its version counter, held only while that tensor lives.
-_INPUT_FP8 = WeakIdKeyDictionary()
+# The same goes for the 128x1 tiling of an x rebuilt in backward (both siblings' Wgrads).
+_INPUT_FP8 = {"row": WeakIdKeyDictionary(), "col": WeakIdKeyDictionary()}
 
 
-def _quantize_input(ops: Fp8Ops, x: torch.Tensor, x2: torch.Tensor) -> Fp8Tensor:
-    """``x2`` (``x`` as [rows, K]) in 1x128 tiles, shared with earlier GEMMs on the same ``x``."""
+def _quantize_input(ops: Fp8Ops, x: torch.Tensor, x2: torch.Tensor, tile: str = "row") -> Fp8Tensor:
+    """``x2`` (``x`` as [rows, K]) in 1x128 (or ``tile``) tiles, shared with earlier GEMMs
+    on the same ``x``."""
     if torch.compiler.is_compiling() or x.is_inference():  # inference tensors have no version counter
-        return ops.quantize(x2, "row")
-    hit = _INPUT_FP8.get(x)
+        return ops.quantize(x2, tile)
+    memo = _INPUT_FP8[tile]
+    hit = memo.get(x)
     if hit is not None and hit[0] == x._version and hit[1] == ops:
         return hit[2]
-    xq = ops.quantize(x2, "row")
-    _INPUT_FP8[x] = (x._version, ops, xq)
+    xq = ops.quantize(x2, tile)
+    memo[x] = (x._version, ops, xq)
     return xq
 
 
@@ -236,16 +243,17 @@ class _Fp8LinearFn(torch.autograd.Function):
         *xs, weight = ctx.saved_tensors
         if ctx.how == "fp8":
             xq = Fp8Tensor(xs[0], xs[1], (1, ops.block))
-        elif ctx.needs_input_grad[1]:  # x again, then the forward's quantization: the same bits
+        elif ctx.needs_input_grad[1]:  # x again (the forward's bits), quantized straight to 128x1
             x = ctx.rebuild(*xs) if ctx.how == "rebuild" else xs[0]
-            xq = _quantize_input(ops, x, x.reshape(-1, x.shape[-1]))  # shared by wq_a/wkv_a, w1/w3
+            x_col = _quantize_input(ops, x, x.reshape(-1, x.shape[-1]), "col")  # shared by wq_a/wkv_a, w1/w3
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_row, dy_col = _grad_operands(ops, dy2, dy2, *ctx.needs_input_grad[:2])
         dx = dw = None
         if dy_row is not None:  # only Dgrad reads W
             dx = ops.gemm(dy_row, ops.weight(weight).t(), dy.dtype).reshape(ctx.x_shape)
         if dy_col is not None:
-            x_col = ops.retile(xq, "col")  # 1x128 -> 128x1
+            if ctx.how == "fp8":
+                x_col = ops.retile(xq, "col")  # 1x128 -> 128x1
             dw = ops.gemm(dy_col.t(), x_col.t(), ctx.w_dtype)
         return dx, dw, None
 
@@ -289,8 +297,8 @@ class Fp8GroupedGemm:
     - Experts with no tokens are dropped before any GEMM and get a zero gradient.
     - Wgrad: each expert's segment is zero-padded to a multiple of 128 tokens so no 128x1
       tile straddles two experts; then one K-grouped GEMM gives all dW. A saved FP8 x is
-      dequantized and re-tiled (V3); a recomputed bf16 operand (the SwiGLU output) is
-      quantized 128x1 directly.
+      dequantized and re-tiled (V3); a recomputed bf16 operand (the SwiGLU output, the
+      expert rows gathered from the rebuilt FFN-norm output) is quantized 128x1 directly.
     """
 
     def __init__(self, cfg: Fp8Config):
@@ -327,8 +335,12 @@ class Fp8GroupedGemm:
         return Fp8Tensor(repad_rows(op.data, counts, padded), repad_rows(op.scale, counts, padded), op.block,
                          None if op.dq is None else repad_rows(op.dq, counts, padded))
 
-    def gather(self, op: Fp8Tensor, index: torch.Tensor, counts: list[int], padded: list[int]) -> Fp8Tensor:
-        """Expert rows from 1x128-tiled token rows: the same bits as quantizing the gathered rows."""
+    def gather(self, op: Fp8Tensor | torch.Tensor, index: torch.Tensor, counts: list[int],
+               padded: list[int]) -> Fp8Tensor | torch.Tensor:
+        """Expert rows from 1x128-tiled token rows: the same bits as quantizing the gathered
+        rows. A plain tensor (token rows rebuilt in backward) gives plain rows."""
+        if not isinstance(op, Fp8Tensor):
+            return gather_rows(op, index, counts, padded)
         pick = lambda t: None if t is None else gather_rows(t, index, counts, padded)  # noqa: E731
         return Fp8Tensor(pick(op.data), pick(op.scale), op.block, pick(op.dq))
 

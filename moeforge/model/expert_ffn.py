@@ -267,8 +267,9 @@ class _ExpertFFNFn(torch.autograd.Function):
             dw2 = ops.grads(dout_p * gate_p, ops.wgrad_input(h, padded), w2, padded, False, True)[1]
         xw = None
         if need_w1 or need_w3:
-            if ctx.rebuild is not None:  # the norm's output again (shared with the shared experts), quantized again
-                xo = ops.input(ctx.rebuild(*x_saved))
+            if ctx.rebuild is not None:  # the norm's output again (shared with the shared experts); under
+                xo = ctx.rebuild(*x_saved)  # FP8 its gathered rows are quantized 128x1 straight from bf16
+                xo = xo.reshape(-1, xo.shape[-1])
             else:
                 xo = ops.unpack(tuple(x_saved))
             xp = ops.repad(xo, counts, padded) if token is None else ops.gather(xo, token, counts, padded)
