@@ -102,7 +102,10 @@ def step_case(preset: str, micro_batch: int, repeat: int) -> dict:
 
         fns[name] = step
         saved[name] = saved_bytes(loss)
-    t = interleaved(fns, repeat=repeat)
+    # 4 warm-up steps: until the C heap stops growing (the first steps fault in new pages,
+    # 40-80k minor faults per small step; see bench_step.WARMUP), so both sides are timed
+    # as a long training run sees them
+    t = interleaved(fns, repeat=repeat, warmup=4)
     return {"gemm": f"{preset} preset train step ({micro_batch}x{cfg.train.seq_len} tokens)", "bf16 ms": t["bf16"] * 1e3,
             "fp8 ms": t["fp8"] * 1e3, "time fp8/bf16": t["fp8"] / t["bf16"], "saved bf16 MB": saved["bf16"] / 2**20,
             "saved fp8 MB": saved["fp8"] / 2**20, "bytes fp8/bf16": saved["fp8"] / saved["bf16"]}
