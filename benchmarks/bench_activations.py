@@ -123,8 +123,11 @@ def v3_layer_bytes(fp8: bool) -> tuple[float, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["tiny", "small"])
-    ap.add_argument("--no-v3-layer", action="store_true", help="skip the block at V3's widths (~5 GB, ~1 min)")
+    ap.add_argument("--no-v3-layer", action="store_true", help="skip the block at V3's widths (~5 GB, ~20 s)")
+    ap.add_argument("--quick", action="store_true", help="tiny only, no V3-width block")
     args = ap.parse_args()
+    if args.quick:
+        args.presets, args.no_v3_layer = ["tiny"], True
     rows, summary = [], {}
     if not args.no_v3_layer:
         (t16, d16), (t8, d8) = v3_layer_bytes(False), v3_layer_bytes(True)

@@ -275,7 +275,7 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None) -> No
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = ap.add_mutually_exclusive_group(required=True)
+    mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--precision", choices=("bf16", "fp8"), help="train this side")
     mode.add_argument("--compare", action="store_true", help="read both runs and write the results")
     ap.add_argument("--control", action="store_true",
@@ -289,7 +289,14 @@ def main() -> int:
     ap.add_argument("--data-mb", type=float, default=32.0,
                     help="built-in corpus size: 32 MB gives 4.43M training tokens (code and prose saturate at "
                          "what the stdlib holds), so 2,000 steps of 16 x 129 (4.13M) stay within one epoch")
+    ap.add_argument("--quick", action="store_true", help="(from `moeforge bench`) compare existing runs, never train")
     args = ap.parse_args()
+    if args.precision is None:  # `moeforge bench` runs every benchmark with no arguments: never start a 25-minute
+        if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # training from there
+            return compare()
+        print(f"[fp8_training] no finished runs in {RUN_ROOT}: train both sides first (see "
+              "benchmarks/bench_fp8_training.py's docstring: --precision bf16 and --precision fp8, then --compare)")
+        return 0 if not args.compare else 1
     if args.compare:
         return compare()
     name = f"{args.precision}_control" if args.control else None

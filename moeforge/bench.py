@@ -132,14 +132,21 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     names = args.names or available()
     for name in names:
-        path = BENCH_DIR / f"bench_{name}.py"
-        if not path.is_file():
+        if not (BENCH_DIR / f"bench_{name}.py").is_file():
             raise UserError(f"no benchmark named {name!r} (have: {', '.join(available())})")
+    failed = []
+    for name in names:
+        path = BENCH_DIR / f"bench_{name}.py"
         print(f"== {name}", flush=True)
         old = sys.argv
         sys.argv = [str(path)] + (["--quick"] if args.quick else [])
         try:
             runpy.run_path(str(path), run_name="__main__")
+        except SystemExit as e:  # a script's sys.exit(main()) or argparse error: report it, run the others
+            if e.code not in (None, 0):
+                failed.append(name)
         finally:
             sys.argv = old
-    return 0
+    if failed:
+        print(f"[moeforge bench] failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

@@ -47,3 +47,25 @@ def test_write_results_json_and_markdown(tmp_path):
     assert data["rows"] == rows and data["summary"] == {"ratio": 0.5}
     text = md.read_text()
     assert "# Demo" in text and "| x | 1.235 |" in text and "a note" in text and "ratio: 0.5" in text
+
+
+def test_cli_runs_each_benchmark_with_quick_and_reports_failures(tmp_path, monkeypatch, capsys):
+    """`moeforge bench --quick` passes --quick to every script, keeps going after one fails
+    (an argparse error or sys.exit(1)) and returns nonzero naming it."""
+    (tmp_path / "bench_a_fails.py").write_text("import sys\nsys.exit(2)\n")
+    (tmp_path / "bench_b_ok.py").write_text(
+        "import sys, pathlib\npathlib.Path(sys.argv[0]).with_suffix('.ran').write_text(' '.join(sys.argv[1:]))\n")
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path)
+    assert bench.cli(["--quick"]) == 1
+    assert (tmp_path / "bench_b_ok.ran").read_text() == "--quick"
+    assert "failed: a_fails" in capsys.readouterr().err
+    assert bench.cli(["b_ok"]) == 0
+
+
+def test_every_benchmark_that_parses_arguments_accepts_quick():
+    """`moeforge bench --quick` hands --quick to all of them; one without it would stop with
+    an argparse error (as activations and fp8_cost did)."""
+    scripts = sorted(bench.BENCH_DIR.glob("bench_*.py"))
+    assert len(scripts) >= 10
+    missing = [p.name for p in scripts if "parse_args" in p.read_text() and '"--quick"' not in p.read_text()]
+    assert not missing, missing
