@@ -130,6 +130,32 @@ def test_grouped_skips_empty_experts(monkeypatch):
     assert Fp8GroupedLinear(CFG)(torch.randn(0, 128), torch.randn(6, 32, 128), [0] * 6).shape == (0, 32)
 
 
+def test_grouped_keeps_empty_experts_in_place_with_the_same_bits(monkeypatch):
+    """A parameter stack (its quantization cached for the step) runs every expert, empty
+    ones included, through the CPU GEMMs instead of selecting the used ones: the same
+    output and gradients bit for bit as the dropping path, and exactly zero dW for the
+    empty experts."""
+    torch.manual_seed(3)
+    counts = [100, 0, 37, 0, 140]
+    w0, x0 = torch.randn(5, 64, 256) * 0.05, torch.randn(sum(counts), 256)
+    dy = torch.randn(sum(counts), 64)
+    from moeforge.fp8 import linear as fp8_linear
+
+    real, kept_all = fp8_linear._experts, []
+    monkeypatch.setattr(fp8_linear, "_experts", lambda *a: kept_all.append(real(*a)[1] is None) or real(*a))
+    outs = []
+    for as_param in (True, False):
+        w = nn.Parameter(w0.clone()) if as_param else w0.clone().requires_grad_()
+        x = x0.clone().requires_grad_()
+        y = Fp8GroupedLinear(CFG)(x, w, counts)
+        y.backward(dy)
+        outs.append((y, x.grad, w.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert kept_all == [True, True, False, False]  # forward and backward of each run
+    assert not outs[0][2][[1, 3]].any() and outs[0][2][[0, 2, 4]].abs().amax(dim=(1, 2)).gt(0).all()
+
+
 # ----------------------------------------------------------------------------- convert()
 def tiny_model(**over):
     cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_dense_layers=1, n_heads=2, inter_dim=128,

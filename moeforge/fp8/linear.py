@@ -294,7 +294,8 @@ class Fp8GroupedGemm:
       the SwiGLU inputs kept in E4M3 1x128 when ``cache_swiglu`` (V3 TR 3.3.2), else as
       they are; weights 128x128 blocks, the whole stack's quantization made once per
       optimizer step (``Fp8Ops.weight``).
-    - Experts with no tokens are dropped before any GEMM and get a zero gradient.
+    - Experts with no tokens get a zero gradient; they are dropped before any GEMM except on
+      the CPU path with a cached weight stack (``_experts``).
     - Wgrad: each expert's segment is zero-padded to a multiple of 128 tokens so no 128x1
       tile straddles two experts; then one K-grouped GEMM gives all dW. A saved FP8 x is
       dequantized and re-tiled (V3); a recomputed bf16 operand (the SwiGLU output, the
@@ -346,7 +347,7 @@ class Fp8GroupedGemm:
 
     def forward(self, xq: Fp8Tensor, w: Weight, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         ops = self._ops(parts(w)[0])
-        n_used, idx = _used(counts, parts(w)[0].device)
+        n_used, idx = _experts(ops, w, counts, parts(w)[0].device)
         return ops.grouped_gemm(xq, _quantize_used(ops, w, idx), n_used, dtype)
 
     def wgrad_input(self, x: Fp8Tensor | torch.Tensor, counts: list[int]) -> Fp8Tensor:
@@ -362,8 +363,8 @@ class Fp8GroupedGemm:
     def grads(self, dy: torch.Tensor, x_col: Fp8Tensor | None, w: Weight, counts: list[int],
               need_dx: bool, need_dw: bool):
         ops = self._ops(dy)
-        n_used, idx = _used(counts, dy.device)
-        padded = _aligned(n_used, ops.block)
+        n_used, idx = _experts(ops, w, counts, dy.device)
+        padded = _aligned(n_used, ops.block)  # the same rows as wgrad_input's (empty experts add none)
         dy_p = repad_rows(dy, n_used, padded) if need_dw else dy
         dy_row, dy_col = _grad_operands(ops, dy, dy_p, need_dx, need_dw)
         dx = dw = None
@@ -386,15 +387,27 @@ def _used(counts: list[int], device: torch.device) -> tuple[list[int], torch.Ten
     return [counts[e] for e in used], torch.tensor(used, dtype=torch.long, device=device)
 
 
+def _experts(ops: Fp8Ops, w: Weight, counts: list[int], device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+    """Row counts of the experts the GEMMs run on and their indices (None: all, in place).
+    The CPU emulation's ``_grouped_mm`` takes empty groups (a K-grouped one gives them zero
+    dW), so when the whole stack's quantization is cached anyway every expert stays: picking
+    the used experts' E4M3 and bf16 weights (``index_select``, each GEMM) and scattering
+    their dW into a zero stack cost ~5% of a small FP8 step. The Triton path, and weights
+    quantized per call, drop the empty ones."""
+    if not ops.use_triton and weight_cache.cacheable(parts(w)[0]):
+        return list(counts), None
+    return _used(counts, device)
+
+
 def _aligned(counts: list[int], b: int) -> list[int]:
     return [-(-c // b) * b for c in counts]
 
 
-def _quantize_used(ops: Fp8Ops, w: Weight, idx: torch.Tensor) -> Fp8Tensor:
+def _quantize_used(ops: Fp8Ops, w: Weight, idx: torch.Tensor | None) -> Fp8Tensor:
     """The 128x128-block E4M3 copy of the experts ``idx`` that received tokens (selected
-    from the whole stack's, which ``weight_cache`` keeps for the step)."""
+    from the whole stack's, which ``weight_cache`` keeps for the step; all for None)."""
     first = parts(w)[0]
-    if len(idx) == first.shape[0]:
+    if idx is None or len(idx) == first.shape[0]:
         return ops.weight(w)
     if not weight_cache.cacheable(first):  # nothing to reuse: quantize only the used experts
         picked = tuple(p.index_select(0, idx) for p in parts(w))
