@@ -153,7 +153,7 @@ static inline int fast_scales(const float *restrict s, int64_t n) {
 }
 
 /* The same bits as quant_row for a finite row whose scales pass fast_scales, writing the
- * dequantized row too in 0.73-0.83x the time (interleaved A/B, one thread; for the codes
+ * dequantized row too in 0.73-0.90x the time (interleaved A/B, one thread; for the codes
  * alone it is no faster, so those keep quant_row):
  * - y = RN(x / s) without a division per element: y0 = x * (1/s) is
  *   within 1.5 ulp of x/s; one FMA correction makes it faithful, a second one (Markstein)
