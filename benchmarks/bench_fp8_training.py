@@ -291,14 +291,12 @@ def main() -> int:
                          "what the stdlib holds), so 2,000 steps of 16 x 129 (4.13M) stay within one epoch")
     ap.add_argument("--quick", action="store_true", help="(from `moeforge bench`) compare existing runs, never train")
     args = ap.parse_args()
-    if args.precision is None:  # `moeforge bench` runs every benchmark with no arguments: never start a 25-minute
-        if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # training from there
-            return compare()
+    if args.precision is None:  # --compare, or `moeforge bench` (every benchmark, no arguments): compare
+        if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # but never start a
+            return compare()  # 25-minute training from there
         print(f"[fp8_training] no finished runs in {RUN_ROOT}: train both sides first (see "
               "benchmarks/bench_fp8_training.py's docstring: --precision bf16 and --precision fp8, then --compare)")
         return 0 if not args.compare else 1
-    if args.compare:
-        return compare()
     name = f"{args.precision}_control" if args.control else None
     if args.seed is not None:
         name = f"{args.precision}_seed{args.seed}"
