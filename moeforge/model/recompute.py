@@ -245,9 +245,13 @@ class _Fp32LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight = _saved_input(ctx)
-        # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order
+        # autograd's mm formulas for linear(x32, w32) on 2-D x, in its operand order: the
+        # weight enters mm transposed (column-major), so autograd forms its gradient as
+        # g^T x (mm_mat2_backward keeps that layout), not (x^T g)^T. The two sum in different
+        # orders on some CPUs (an AMD EPYC's oneDNN kernels differ in the last bit; an
+        # AMX Xeon's happened not to)
         dx = g.mm(weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = x.float().t().mm(g).t().to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = g.t().mm(x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
