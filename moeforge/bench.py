@@ -81,10 +81,26 @@ def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]
     return best
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its matrix/bf16 features, e.g. ``AMD EPYC (avx512_bf16)``.
+
+    Part of every result: this project's hosts change between sessions (Intel with AMX,
+    AMD without), and a ratio that holds on one can miss on the other, because AMX speeds
+    up the bf16 GEMMs ~4x but not the vector code around them."""
+    from moeforge.native import cpu_id
+
+    lines = cpu_id().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    feats = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(feats) or 'no bf16 matrix instructions'})"
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -106,7 +122,8 @@ def write_results(name: str, title: str, rows: list[dict], notes: list[str] | No
                "rows": rows, "notes": notes or []}
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
     jpath.write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# {title}", "", f"torch {torch.__version__}, {torch.get_num_threads()} threads, {payload['environment']['time']}", ""]
+    env = payload["environment"]
+    lines = [f"# {title}", "", f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, {env['time']}", ""]
     if rows:
         keys = list(rows[0].keys())
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

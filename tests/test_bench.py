@@ -49,6 +49,19 @@ def test_write_results_json_and_markdown(tmp_path):
     assert "# Demo" in text and "| x | 1.235 |" in text and "a note" in text and "ratio: 0.5" in text
 
 
+def test_results_name_the_cpu_and_its_bf16_matrix_features(tmp_path, monkeypatch):
+    """Hosts differ between sessions (AMX or not): every result file says which CPU made it."""
+    from moeforge import native
+
+    monkeypatch.setattr(native, "cpu_id", lambda: "flags\t: fpu avx512_bf16 amx_tile amx_bf16\nmodel name\t: Xeon X")
+    assert bench.cpu_name() == "Xeon X (amx_bf16, avx512_bf16)"
+    monkeypatch.setattr(native, "cpu_id", lambda: "flags\t: fpu avx2\nmodel name\t: Old CPU")
+    assert bench.cpu_name() == "Old CPU (no bf16 matrix instructions)"
+    js, md = bench.write_results("demo", "Demo", [{"a": 1}], out_dir=tmp_path)
+    assert json.loads(js.read_text())["environment"]["cpu"] == "Old CPU (no bf16 matrix instructions)"
+    assert "Old CPU (no bf16 matrix instructions)" in md.read_text().splitlines()[2]
+
+
 def test_cli_runs_each_benchmark_with_quick_and_reports_failures(tmp_path, monkeypatch, capsys):
     """`moeforge bench --quick` passes --quick to every script, keeps going after one fails
     (an argparse error or sys.exit(1)) and returns nonzero naming it."""
