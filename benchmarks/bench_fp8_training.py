@@ -76,7 +76,7 @@ def train_side(precision: str, steps: int, micro_batch: int, data_mb: float, nam
     cfg = run_config(precision, steps, micro_batch, data_mb, name, seed)
     name = name or precision
     if not (Path(cfg.data.data_dir) / "manifest.json").is_file():
-        prepare(cfg)  # ~40 s; a concurrent twin would race, so build the data before starting both
+        prepare(cfg)  # ~40 s; a twin started at the same time waits on prepare's lock, then reuses it
     resume = "latest" if ckpt.step_dirs(RUN_ROOT / name / "checkpoints") else None
     print(f"[fp8_training] {name}: {steps} steps x {micro_batch}x{cfg.train.seq_len} tokens, "
           f"{torch.get_num_threads()} thread(s), resume={resume}", flush=True)

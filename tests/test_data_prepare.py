@@ -102,3 +102,23 @@ def test_cli_prepare_and_tokenizer(tmp_path, sources, capsys):
     assert enc["n"] == len(enc["ids"]) > 0
     assert main(["prepare", "--config", str(toml), "--data.min_chars", "-3"]) == 2
     assert "data.min_chars" in capsys.readouterr().err
+
+
+def test_concurrent_prepares_of_one_data_dir_build_it_once(tmp_path, sources):
+    """Two processes preparing the same data_dir at once (an FP8 and a BF16 run started
+    together) used to race through datatrove's shared work files and both crash; now the
+    second waits on the lock, then reuses what the first built."""
+    import subprocess
+    import sys
+
+    cfg_json = json.dumps({"data.data_dir": str(tmp_path / "out"), "data.sources": sources, "data.vocab_size": 300,
+                           "data.workers": 1, "data.val_fraction": 0.0, "data.shard_tokens": 1024})
+    code = ("import json, sys\nfrom moeforge.config import load_config\nfrom moeforge.data.prepare import prepare\n"
+            f"prepare(load_config(None, json.loads({cfg_json!r})))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum("another process built it" in e for e in errs) == 1, errs  # built once, reused once
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["documents_read"] == {"prose": 11, "code": 6}
+    TokenDataset(tmp_path / "out", "train", seq_len=16)  # every shard verifies

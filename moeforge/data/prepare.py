@@ -16,12 +16,18 @@ Choices:
   written after all shards are in place and hashed, so readers never see a mix.
 - ``data.workers`` (0 = all cores) sets datatrove's task and process count and the
   tokenizer's thread count.
+- Concurrency: the build holds an exclusive lock on ``<data_dir>/.prepare.lock``, so two
+  processes preparing one data_dir (an FP8 and a BF16 run started together, ranks of one
+  job) do not race through datatrove's shared work files: the second waits, then finds the
+  data up to date and reuses it. (Without it, both crashed in the MinHash stage.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -145,6 +151,23 @@ def is_valid(data_dir: Path, fp: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _exclusive(data_dir: Path):
+    """Hold an exclusive advisory lock on ``data_dir/.prepare.lock`` (blocking), saying so
+    when another process holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".prepare.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log(f"waiting for another process preparing {data_dir} ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(cfg, force: bool = False) -> Path:
     """Build (or reuse when valid) the corpus, tokenizer and shards in ``cfg.data.data_dir``."""
     dcfg = cfg.data
@@ -154,9 +177,18 @@ def prepare(cfg, force: bool = False) -> Path:
         os.environ.setdefault("RAYON_NUM_THREADS", str(dcfg.workers))  # tokenizers' thread pool
     data_dir = Path(dcfg.data_dir)
     fp = fingerprint(cfg)
-    if not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp):
+    if not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp):  # no lock to reuse
         _log(f"{data_dir} is up to date (fingerprint {fp})")
         return data_dir
+    with _exclusive(data_dir):
+        if not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp):
+            _log(f"{data_dir} is up to date (fingerprint {fp}): another process built it")
+            return data_dir
+        return _build(cfg, data_dir, fp, force)
+
+
+def _build(cfg, data_dir: Path, fp: str, force: bool) -> Path:
+    dcfg = cfg.data
 
     from moeforge.data.pack import pack, read_docs, tokenizer_sample
     from moeforge.data.shards import FORMAT, sha256_file, token_dtype, write_manifest
