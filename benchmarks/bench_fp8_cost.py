@@ -3,8 +3,8 @@
 Side by side in one run, timed in alternation (moeforge.bench.interleaved), forward +
 backward of one projection with FP32 master weights and bf16 activations:
 
-- ``bf16``: ``moeforge.model.layers.Linear`` (casts the FP32 weight to bf16, one AMX GEMM);
-- ``fp8``: ``Fp8Linear`` (online 1x128 / 128x128 / 128x1 quantization, dequantize, AMX GEMM).
+- ``bf16``: ``moeforge.model.layers.Linear`` (casts the FP32 weight to bf16, one bf16 GEMM);
+- ``fp8``: ``Fp8Linear`` (online 1x128 / 128x128 / 128x1 quantization, dequantize, bf16 GEMM).
 
 Bytes saved for backward are counted with ``torch.autograd.graph.saved_tensors_hooks``,
 one count per storage, leaving out Parameters (they live anyway). Targets from issue 4:
@@ -138,19 +138,21 @@ def main() -> None:
                   rows, summary=summary, notes=[
                       "Medians of interleaved runs on a shared 2-core machine that other jobs load heavily: "
                       "ratios move by tens of percent between runs; compare rows of one run, not across runs.",
-                      "FP32 master weights, bf16 activations; both sides run the same AMX bf16 GEMMs, FP8 adds "
+                      "FP32 master weights, bf16 activations; both sides run the same bf16 GEMMs, FP8 adds "
                       "online quantization around each of the three GEMMs (one pass of the C kernels per operand, "
                       "writing the E4M3 copy and the dequantized bf16 operand), and the Wgrad re-tiling: on CPU FP8 "
-                      "is a memory format, not a speed-up (the speed-up needs FP8 tensor cores).",
+                      "is a memory format, not a speed-up (the speed-up needs FP8 tensor cores). The ratio depends on "
+                      "the host: where the CPU has AMX (see the header) the bf16 GEMMs run ~4x faster than on "
+                      "AVX-512 alone while the quantizers' vector code does not, so the same code costs FP8 more.",
                       "Train steps: the preset's model (tiny: dim 192, 4 layers, 8 experts; small: dim 512, 8 layers, "
-                      "16 experts), loss and AdamW, one micro-batch, the trainer's loss path (fused head + "
+                      "32 experts), loss and AdamW, one micro-batch, the trainer's loss path (fused head + "
                       "cross-entropy); saved bytes there include everything autograd keeps (attention latents, the "
                       "residual stream at the norms, router, MoE combine), of which the FP8 GEMM inputs and the "
                       "SwiGLU inputs (cached in E4M3) shrink. At tiny's width the quantization passes, not the GEMMs, "
                       "set the cost; at small's the GEMMs weigh more, as they do further up.",
                       "Saved bytes: FP8 keeps x (1 B/elt + one fp32 scale per 128), BF16 keeps x (2 B/elt); both "
-                      "keep the FP32 master weight (a Parameter, not counted) and cast or quantize it again in "
-                      "backward."])
+                      "keep the FP32 master weight (a Parameter, not counted); its bf16 cast or FP8 blocks are made "
+                      "once per optimizer step and reused by backward (model/weight_cache.py)."])
 
 
 if __name__ == "__main__":
