@@ -177,11 +177,14 @@ def prepare(cfg, force: bool = False) -> Path:
         os.environ.setdefault("RAYON_NUM_THREADS", str(dcfg.workers))  # tokenizers' thread pool
     data_dir = Path(dcfg.data_dir)
     fp = fingerprint(cfg)
-    if not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp):  # no lock to reuse
+    def reusable() -> bool:
+        return not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp)
+
+    if reusable():  # no lock needed to reuse (a read-only data_dir keeps working)
         _log(f"{data_dir} is up to date (fingerprint {fp})")
         return data_dir
     with _exclusive(data_dir):
-        if not force and (data_dir / "manifest.json").exists() and is_valid(data_dir, fp):
+        if reusable():
             _log(f"{data_dir} is up to date (fingerprint {fp}): another process built it")
             return data_dir
         return _build(cfg, data_dir, fp, force)
