@@ -14,7 +14,7 @@ in tiles of the same width (128): A per ``1 x 128`` tile (activations, gradients
   tensor core inside the block.
 - :func:`blockwise_gemm` is the fast path used for training on CPU: dequantize both
   operands (``q * s``, one rounding) and run one GEMM. With ``compute_dtype=float32`` it
-  equals the reference within FP32 rounding; with bf16 (AMX, ~3.5x faster) the dequantized
+  equals the reference within FP32 rounding; with bf16 (~3.5x faster with AMX) the dequantized
   operands are additionally rounded to bf16 (relative 2^-9, sixteen times finer than
   E4M3's 2^-4), exact again when the scales are powers of two.
 - :func:`simulate_accumulation` reproduces the report's motivation for promotion: an

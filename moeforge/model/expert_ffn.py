@@ -145,7 +145,7 @@ def _stacked_cast(ps: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Ten
 
 
 class GroupedGemm:
-    """Grouped GEMMs in the activations' dtype (bf16 on the CPU's AMX units); the master
+    """Grouped GEMMs in the activations' dtype (bf16 on CPU: AMX or AVX-512 bf16 units); the master
     weight's cast comes from ``weight_cache`` (made once per optimizer step), so backward
     saves the master, not a cast copy."""
 

@@ -1,7 +1,7 @@
 """A parameter's low-precision forms (its bf16 cast, its FP8 blocks), made once per step.
 
 Every GEMM with an FP32 master weight needs the weight in the compute dtype (bf16 on the
-CPU's AMX units) or, under FP8, quantized in 128x128 blocks: once for the forward GEMM
+CPU's bf16 matrix units) or, under FP8, quantized in 128x128 blocks: once for the forward GEMM
 and once more for the backward Dgrad. Casting it on each use cost the ``small`` preset
 two full passes over every weight per step (the expert stacks alone ~0.1 s of a 2.5 s
 step); keeping the forward's cast as a saved tensor for backward counted weight-sized
