@@ -59,12 +59,16 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
 
     # the control side sees the same tokens per step as two accumulated half batches: the
     # same gradient mathematically, only the floating-point summation order differs
-    split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2} if name == CONTROL else {}
+    split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2} if _is_control(name) else {}
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
         "fp8.enabled": precision == "fp8", "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
         "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,
         **({"train.seed": seed} if seed is not None else {})})
+
+
+def _is_control(name: str | None) -> bool:
+    return name is not None and (name == CONTROL or name.startswith(f"{CONTROL}_seed"))
 
 
 def train_side(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None,
@@ -105,7 +109,7 @@ def moving_average(xs: list[float], n: int) -> list[float]:
     return ((c[idx] - c[lo]) / (idx - lo)).tolist()
 
 
-def compare() -> int:
+def compare(stem: str = "fp8_training") -> int:
     sides = {p: curve(p) for p in ("bf16", "fp8")}
     rows, final = [], {}
     for p, (steps, losses, evals, last) in sides.items():
@@ -146,20 +150,32 @@ def compare() -> int:
                       + f"; mean {mean:+.3%}. For scale: the final losses of the BF16 runs from different seeds are "
                       f"{spread:.3%} apart, mostly because their last 100 steps see different data."]
     windows = _window_differences(sides, 250)
-    control = curve(CONTROL) if (RUN_ROOT / CONTROL / "metrics.jsonl").is_file() else None
+    controls = _controls(int(tc["seed"]), sides["bf16"][0][-1])
+    control = controls.get(int(tc["seed"]))
     control_notes = []
-    if control and len(control[0]) >= LAST and control[0][-1] == sides["bf16"][0][-1]:
-        sides_c = {"bf16": sides["bf16"], CONTROL: control}
+    if controls:
         micro = int(tc["micro_batch_size"])
-        noise = abs(sum(control[1][-LAST:]) / LAST - final["bf16"]) / final["bf16"]
-        summary["control_relative_difference_bf16_vs_bf16"] = noise
+        noise = {seed: _final(c) / _final(seed_pairs[seed][0]) - 1 for seed, c in controls.items() if seed in seed_pairs}
+        for seed, c in controls.items():
+            rows.append({"precision": f"bf16 control" + ("" if seed == int(tc["seed"]) else f" seed {seed}"),
+                         "steps": c[0][-1], "first loss": c[1][0], f"final loss (mean last {LAST})": _final(c),
+                         f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
+                         "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
+                         "elapsed s": c[3].get("elapsed_s")})
+        summary["control_relative_difference_by_seed"] = {str(k): v for k, v in noise.items()}
+        if control is not None:
+            summary["control_relative_difference_bf16_vs_bf16"] = abs(noise[int(tc["seed"])])
+        gaps = summary.get("relative_difference_by_seed", {str(tc["seed"]): final["fp8"] / final["bf16"] - 1})
         control_notes = [
-            f"Noise floor: a second BF16 run ({CONTROL}, threads {_threads(CONTROL)}) on the same tokens per step "
-            f"taken as 2 accumulated micro-batches of {micro // 2} instead of 1 of {micro}, i.e. the same gradient "
-            f"up to floating-point summation order, ends {noise:.4%} away from the first. By 250-step window: "
-            + ", ".join(f"{k} {v:+.2%}" for k, v in _window_differences(sides_c, 250, CONTROL).items()) + "."]
-    else:
-        control = None
+            f"Noise floor: a second BF16 run per seed (bf16_control[_seedN]) on the same tokens per step taken as 2 "
+            f"accumulated micro-batches of {micro // 2} instead of 1 of {micro}, i.e. the same gradient up to "
+            "floating-point summation order (its first steps agree to ~1e-5), ends this far from the first BF16 run: "
+            + ", ".join(f"seed {k} {v:+.3%} (fp8: {gaps.get(str(k), float('nan')):+.3%})" for k, v in noise.items())
+            + ". A change of summation order alone moves the final loss by about as much as FP8 does."]
+        if control is not None:
+            sides_c = {"bf16": sides["bf16"], CONTROL: control}
+            control_notes.append(f"{CONTROL} (seed {tc['seed']}) vs bf16 by 250-step window: " + ", ".join(
+                f"{k} {v:+.2%}" for k, v in _window_differences(sides_c, 250, CONTROL).items()) + ".")
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
@@ -176,9 +192,9 @@ def compare() -> int:
                "bit for bit)." for p, step in _resumes().items()],
              "tokens/s and elapsed s are as logged at the last step of each run (a resumed run counts from its "
              "resume) on a shared, loaded machine: not a speed comparison; see fp8_cost for that."]
-    write_results("fp8_training", "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
+    write_results(stem, "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
                   notes=notes, summary=summary)
-    plot(sides, rel, control, {k: v for k, v in seed_pairs.items() if k != int(tc["seed"])})
+    plot(sides, rel, control, {k: v for k, v in seed_pairs.items() if k != int(tc["seed"])}, stem, controls)
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
 
@@ -198,6 +214,19 @@ def _seed_pairs(main_seed: int, steps: int) -> dict[int, tuple]:
         if b16[0] and f8[0] and b16[0][-1] == f8[0][-1] == steps:
             pairs[seed] = (b16, f8)
     return pairs
+
+
+def _controls(main_seed: int, steps: int) -> dict[int, tuple]:
+    """{seed: curve} of every finished BF16 control run (``--control [--seed N]``) of ``steps`` steps."""
+    out = {}
+    for d in sorted(RUN_ROOT.glob(f"{CONTROL}*")):
+        rest = d.name.removeprefix(CONTROL)
+        if not (d / "metrics.jsonl").is_file() or not (rest == "" or rest.startswith("_seed")):
+            continue
+        c = curve(d.name)
+        if c[0] and c[0][-1] == steps:
+            out[main_seed if rest == "" else int(rest.removeprefix("_seed"))] = c
+    return out
 
 
 def _resumes() -> dict[str, int]:
@@ -233,7 +262,15 @@ def _run_train_config(precision: str) -> dict:
     return tomllib.loads((RUN_ROOT / precision / "config.toml").read_text())["train"]
 
 
-def plot(sides: dict, rel: float, control=None, seeds: dict | None = None) -> None:
+def _relative_curve(base, other) -> tuple[list[int], list[float]]:
+    """Common steps and the 50-step moving average of (other - base) / base."""
+    a, b = dict(zip(base[0], base[1])), dict(zip(other[0], other[1]))
+    steps = sorted(set(a) & set(b))
+    return steps, moving_average([(b[s] - a[s]) / a[s] for s in steps], 50)
+
+
+def plot(sides: dict, rel: float, control=None, seeds: dict | None = None, stem: str = "fp8_training",
+         controls: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,15 +290,13 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None) -> No
     smooth = moving_average(diff, 50)
     ax2.plot(common, smooth, color="black", lw=1.2, label="fp8 vs bf16, 50-step mean")
     if control is not None:  # the BF16-vs-BF16 noise floor, same axes
-        dc = dict(zip(control[0], control[1]))
-        cs = [s for s in common if s in dc]
-        ax2.plot(cs, moving_average([(dc[s] - d16[s]) / d16[s] for s in cs], 50), color="tab:orange", lw=1.2,
+        ax2.plot(*_relative_curve(sides["bf16"], control), color="tab:orange", lw=1.2,
                  label="bf16 rerun vs bf16 (noise floor)")
     for (seed, (b16, f8)), color in zip((seeds or {}).items(), ("tab:purple", "tab:brown", "tab:pink")):
-        e16, e8 = dict(zip(b16[0], b16[1])), dict(zip(f8[0], f8[1]))
-        cs = sorted(set(e16) & set(e8))
-        ax2.plot(cs, moving_average([(e8[s] - e16[s]) / e16[s] for s in cs], 50), color=color, lw=1.0,
-                 label=f"fp8 vs bf16, seed {seed}")
+        ax2.plot(*_relative_curve(b16, f8), color=color, lw=1.0, label=f"fp8 vs bf16, seed {seed}")
+        if seed in (controls or {}):
+            ax2.plot(*_relative_curve(b16, controls[seed]), color=color, lw=1.0, ls="--",
+                     label=f"bf16 rerun vs bf16, seed {seed}")
     for y in (TARGET, -TARGET):
         ax2.axhline(y, color="tab:green", ls=":", lw=1)
     ax2.set(xlabel="step", ylabel="(fp8 - bf16) / bf16", title="relative loss difference (target band +-0.25%)")
@@ -269,7 +304,7 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None) -> No
     ax2.set_ylim(-lim, lim)
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS_DIR / "fp8_training.png", dpi=110)
+    fig.savefig(RESULTS_DIR / f"{stem}.png", dpi=110)
     plt.close(fig)
 
 
@@ -289,17 +324,21 @@ def main() -> int:
     ap.add_argument("--data-mb", type=float, default=32.0,
                     help="built-in corpus size: 32 MB gives 4.43M training tokens (code and prose saturate at "
                          "what the stdlib holds), so 2,000 steps of 16 x 129 (4.13M) stay within one epoch")
+    ap.add_argument("--name", default="fp8_training",
+                    help="results file stem for --compare (e.g. fp8_training_epyc for another host's runs)")
     ap.add_argument("--quick", action="store_true", help="(from `moeforge bench`) compare existing runs, never train")
     args = ap.parse_args()
     if args.precision is None:  # --compare, or `moeforge bench` (every benchmark, no arguments): compare
         if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # but never start a
-            return compare()  # 25-minute training from there
+            return compare(args.name)  # 25-minute training from there
         print(f"[fp8_training] no finished runs in {RUN_ROOT}: train both sides first (see "
               "benchmarks/bench_fp8_training.py's docstring: --precision bf16 and --precision fp8, then --compare)")
         return 0 if not args.compare else 1
-    name = f"{args.precision}_control" if args.control else None
-    if args.seed is not None:
-        name = f"{args.precision}_seed{args.seed}"
+    if args.control and args.precision != "bf16":
+        ap.error("--control trains a second BF16 run: use it with --precision bf16")
+    name = None if args.seed is None else f"{args.precision}_seed{args.seed}"
+    if args.control:
+        name = CONTROL if args.seed is None else f"{CONTROL}_seed{args.seed}"
     train_side(args.precision, args.steps, args.micro_batch, args.data_mb, name, args.seed)
     return 0
 
