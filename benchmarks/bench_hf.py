@@ -44,13 +44,13 @@ def build_pair(cfg, seed: int = 0):
 
 
 def make_step(model, tokens, is_hf: bool, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # on the params' device (CPU or CUDA)
     if not is_hf:
         model.set_compute_dtype(torch.bfloat16 if bf16 else torch.float32)
     model.train()
 
     def loss_fn():
-        ctx = torch.autocast("cpu", torch.bfloat16) if (is_hf and bf16) else contextlib.nullcontext()
+        ctx = torch.autocast(tokens.device.type, torch.bfloat16) if (is_hf and bf16) else contextlib.nullcontext()
         with ctx:
             if not is_hf:
                 return model(tokens[:, :-1], labels=tokens[:, 1:]).ce

@@ -30,13 +30,10 @@ import sys
 
 import torch
 
-from moeforge.bench import interleaved, machine_peak_flops, write_results
+from moeforge.bench import interleaved, machine_peak_flops, train_step, write_results
 from moeforge.config import load_config
 from moeforge.model import weight_cache
-from moeforge.train.losses import lm_loss
 from moeforge.train.metrics import train_flops_per_token
-from moeforge.train.optim import AdamW
-from moeforge.train.pretrain import build_model
 
 VARIANTS = {
     "bf16": {},
@@ -68,7 +65,7 @@ def peak_of(preset: str, name: str) -> None:
     cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
     b, s = cfg.train.micro_batch_size, cfg.train.seq_len
     tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
-    step, _, _ = make_step(cfg, tokens)
+    step, _, _ = train_step(cfg, tokens)
     step()  # first step: lazily created optimizer state, oneDNN kernels
     before = _rss_mb()
     with open("/proc/self/clear_refs", "w") as f:  # reset the kernel's peak-RSS mark (VmHWM) to now
@@ -83,21 +80,6 @@ def measure_peak(preset: str, name: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--preset", preset, "--peak-of", name],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def make_step(cfg, tokens):
-    model = build_model(cfg, torch.device("cpu"))
-    opt = AdamW.from_config(model, cfg.train)
-
-    def loss():
-        return lm_loss(model(tokens[:, :-1], labels=tokens[:, 1:]), tokens[:, 1:], cfg.model)["loss"]
-
-    def step():
-        loss().backward()
-        opt.step()
-        opt.zero_grad()  # gradients freed between steps: six small-preset variants share one process
-
-    return step, loss, model
 
 
 def saved_bytes(loss_fn, model) -> int:
@@ -172,7 +154,7 @@ def main() -> None:
     steps, losses, mems = {}, {}, {}
     for name in args.variants:
         cfg = load_config(preset, {"fp8.enabled": False, "train.progress": False, **VARIANTS[name]})
-        steps[name], loss_fn, model = make_step(cfg, tokens)
+        steps[name], loss_fn, model = train_step(cfg, tokens)
         mems[name] = saved_bytes(loss_fn, model)
         for _ in range(WARMUP[args.quick]):  # compile, oneDNN kernels, the C heap (see WARMUP)
             steps[name]()

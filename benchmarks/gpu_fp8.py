@@ -1,77 +1,188 @@
-"""FP8 blockwise GEMM on one CUDA GPU (H200/H100): TFLOP/s of our Triton kernel vs bf16 matmul.
+"""The GPU benchmarks in one file: FP8 blockwise GEMMs, the training step, transformers.
 
-NOT RUN YET: written in a session without a GPU. Run it on the GPU machine with
+NOT RUN ON A GPU YET: written in sessions without one. On the GPU machine (its image has
+torch with CUDA, Triton and transformers; nothing to install) from the project root:
 
-    pip install triton   # if the CUDA torch build lacks it
-    python benchmarks/gpu_fp8.py
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_fp8.py --out "$OUT"
 
-Shapes: 4096^3, and DeepSeek-V3 expert GEMMs (dim 7168, moe_inter 2048) with 4096 tokens
-per expert: up/gate ``[4096, 7168] x [2048, 7168]^T`` and down ``[4096, 2048] x [7168, 2048]^T``,
-plus a Dgrad-shaped and a Wgrad-shaped call (128x1 re-tiled operands). For each it times
-``kernels.blockwise_gemm`` on pre-quantized operands, the quantization itself, and bf16
-``torch.matmul`` on the same shapes, checks calc_diff against the bf16 product (< 1e-3),
-and writes benchmarks/results/fp8_gpu.{json,md}.
+A few minutes. Three tables, each as JSON + markdown in ``--out`` (default
+benchmarks/results/):
+
+- ``gpu_gemm``: our Triton blockwise FP8 GEMM (1x128 / 128x128 E4M3 operands, FP32
+  promotion every 128 of K) against bf16 ``torch.matmul`` on the same shapes: 4096^3,
+  DeepSeek-V3's expert GEMMs (dim 7168, expert width 2048, 4096 tokens per expert) as
+  Fprop, Dgrad and Wgrad (128x1 re-tiled operands), with the quantization's own time and
+  calc_diff against the FP32 product (< 1e-3).
+- ``gpu_step``: the trainer's step (``moeforge.bench.train_step``: forward, backward,
+  AdamW) on the ``small`` preset at a GPU-sized batch, BF16 and FP8 interleaved: tokens/s,
+  the FP8 / BF16 time ratio (issue 4's end-to-end figure), MFU against the 8192^3 bf16
+  matmul rate measured in the same run, peak memory.
+- ``gpu_hf``: the same step against transformers' ``DeepseekV3ForCausalLM`` (bf16 autocast,
+  SDPA) on the identical config and batch, as ``bench_hf.py`` does on CPU.
+
+``--device cpu --quick`` runs every code path at toy sizes on the CPU (the emulated FP8
+path instead of Triton); ``tests/test_bench.py`` does, so a first GPU session does not
+lose its minutes to a typo.
 """
 
 from __future__ import annotations
 
+import argparse
+import time
+from pathlib import Path
+
 import torch
 
-from moeforge.bench import write_results
+from moeforge.bench import RESULTS_DIR, interleaved, train_step, write_results
+from moeforge.config import load_config
 from moeforge.fp8 import calc_diff
-from moeforge.fp8 import kernels
+from moeforge.fp8.config import Fp8Config
+from moeforge.fp8.linear import Fp8Ops
+from moeforge.train.metrics import train_flops_per_token
 
 
-def cuda_time(fn, repeat: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
+def synced(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation: what ``interleaved`` times is then the
+    work, not the launch."""
+    def run():
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def seconds(fn, repeat: int) -> float:
+    """Mean seconds of ``fn`` (already synced) over ``repeat`` calls after two warm-ups."""
+    for _ in range(2):
+        fn()
+    t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat / 1e3
+    return (time.perf_counter() - t0) / repeat
 
 
-def case(name: str, m: int, n: int, k: int, a_block=(1, 128), b_block=(128, 128)) -> dict:
-    """C[m, n] = A[m, k] @ B[n, k].T; a 128x1 block means the operand is stored [k, m] and
-    re-tiled along k (Wgrad), as in Fp8Linear."""
-    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+def matmul_tflops(device: torch.device, n: int, repeat: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / seconds(synced(lambda: a @ a, device), repeat) / 1e12
 
-    def quant(x, block):
-        if block == (128, 1):  # quantize the [k, rows] storage along k, view as [rows, k]
-            return kernels.quantize(x.t().contiguous(), (128, 1)).t()
-        return kernels.quantize(x, block)
 
-    qa, qb = quant(a, a_block), quant(b, b_block)
+# ----------------------------------------------------------------------------- GEMMs
+def gemm_case(ops: Fp8Ops, device: torch.device, name: str, m: int, n: int, k: int, a_tile: str = "row",
+              b_tile: str = "block", repeat: int = 20) -> dict:
+    """C[m, n] = A[m, k] @ B[n, k].T. A 'col' tile means the operand is stored [k, rows]
+    and quantized along k in 128x1 tiles (the Wgrad operands), as Fp8Linear does."""
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+
+    def quant(x, tile):
+        return ops.quantize(x.t().contiguous(), tile).t() if tile == "col" else ops.quantize(x, tile)
+
+    qa, qb = quant(a, a_tile), quant(b, b_tile)
     flops = 2 * m * n * k
-    t_fp8 = cuda_time(lambda: kernels.blockwise_gemm(qa, qb, out_dtype=torch.bfloat16))
-    t_bf16 = cuda_time(lambda: a @ b.t())
-    t_quant = cuda_time(lambda: (quant(a, a_block), quant(b, b_block)))
-    diff = calc_diff(kernels.blockwise_gemm(qa, qb, out_dtype=torch.float32), (a.float() @ b.float().t()))
+    t_fp8 = seconds(synced(lambda: ops.gemm(qa, qb, torch.bfloat16), device), repeat)
+    t_bf16 = seconds(synced(lambda: a @ b.t(), device), repeat)
+    t_quant = seconds(synced(lambda: (quant(a, a_tile), quant(b, b_tile)), device), repeat)
+    diff = calc_diff(ops.gemm(qa, qb, torch.float32), a.float() @ b.float().t())
     return {"gemm": name, "M": m, "N": n, "K": k, "fp8 TFLOP/s": flops / t_fp8 / 1e12,
             "bf16 TFLOP/s": flops / t_bf16 / 1e12, "fp8/bf16 speed": t_bf16 / t_fp8,
-            "quantize ms": t_quant * 1e3, "calc_diff vs bf16": diff, "ok": diff < 1e-3}
+            "quantize ms": t_quant * 1e3, "calc_diff vs fp32": diff, "ok": diff < 1e-3}
 
 
-def main() -> None:
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+def gemm_rows(device: torch.device, quick: bool) -> list[dict]:
+    ops = Fp8Ops.for_device(Fp8Config(), device)
+    d, f, t = (256, 128, 256) if quick else (7168, 2048, 4096)  # model dim, expert width, tokens per expert
+    sq, rep = (256, 2) if quick else (4096, 20)
+    return [gemm_case(ops, device, "square fprop", sq, sq, sq, repeat=rep),
+            gemm_case(ops, device, "V3 expert up/gate fprop", t, f, d, repeat=rep),
+            gemm_case(ops, device, "V3 expert down fprop", t, d, f, repeat=rep),
+            gemm_case(ops, device, "V3 expert up dgrad", t, d, f, "row", "block", repeat=rep),
+            gemm_case(ops, device, "V3 expert up wgrad", f, d, t, "col", "col", repeat=rep)]
+
+
+# ----------------------------------------------------------------------------- training step
+def step_rows(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
+    """BF16 and FP8 steps of one config, interleaved; MFU against the bf16 matmul rate."""
+    preset, batch, seq = ("tiny", 2, 64) if quick else ("small", 32, 512)
+    over = {"train.progress": False, "train.micro_batch_size": batch, "train.seq_len": seq}
+    base = load_config(preset, {**over, "fp8.enabled": False})
+    tokens = torch.randint(0, base.model.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    steps, peaks = {}, {}
+    for name in ("bf16", "fp8"):
+        cfg = load_config(preset, {**over, "fp8.enabled": name == "fp8"})
+        step, _, _ = train_step(cfg, tokens, device)
+        steps[name] = synced(step, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2 if quick else 3):  # warm-up: Triton compiles, cuBLAS picks kernels
+            steps[name]()
+        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    t = interleaved(steps, repeat=2 if quick else 10)
+    peak = matmul_tflops(device, 256 if quick else 8192, 2 if quick else 10) * 1e12
+    fpt = train_flops_per_token(base.model, seq)
+    rows = [{"variant": n, "step_ms": t[n] * 1e3, "tokens_per_s": batch * seq / t[n],
+             "mfu_vs_bf16_matmul": batch * seq / t[n] * fpt / peak, "time_vs_bf16": t[n] / t["bf16"],
+             "peak_memory_mb": peaks[n]} for n in steps]
+    summary = {"preset": preset, "batch": f"{batch} x {seq}", "bf16_matmul_tflops": peak / 1e12,
+               "fp8_step_time_vs_bf16": t["fp8"] / t["bf16"], "mfu_bf16": rows[0]["mfu_vs_bf16_matmul"]}
+    return rows, summary
+
+
+def hf_rows(device: torch.device, quick: bool) -> list[dict]:
+    """Ours vs transformers on the identical config and batch (bench_hf.py's pair), bf16."""
+    from bench_hf import build_pair, make_step  # benchmarks/ is on sys.path when run as a script
+
+    over = {"model.mtp_depth": 0, **({"model.n_layers": 2, "model.vocab_size": 1024} if quick else {})}
+    cfg = load_config("small", over)
+    batch, seq = (2, 64) if quick else (16, 512)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    ours, hf = (m.to(device) for m in build_pair(cfg))
+    tokens = tokens.to(device)
+    fns = {"moeforge": make_step(ours, tokens, False, True)[0], "transformers": make_step(hf, tokens, True, True)[0]}
+    fns = {k: synced(v, device) for k, v in fns.items()}
+    for f in fns.values():
+        f()
+    t = interleaved(fns, repeat=2 if quick else 10)
+    return [{"precision": "bf16", "batch_tokens": batch * seq, "moeforge_tok_s": batch * seq / t["moeforge"],
+             "transformers_tok_s": batch * seq / t["transformers"], "speedup": t["transformers"] / t["moeforge"]}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="toy sizes (a smoke test of every code path)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON + markdown go")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("gemm", "step", "hf"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here: run on the GPU machine, or pass --device cpu --quick for a smoke test")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
     torch.manual_seed(0)
-    rows = [
-        case("square fprop", 4096, 4096, 4096),
-        case("V3 expert up/gate fprop", 4096, 2048, 7168),
-        case("V3 expert down fprop", 4096, 7168, 2048),
-        case("V3 expert up dgrad", 4096, 7168, 2048, (1, 128), (128, 128)),
-        case("V3 expert up wgrad", 2048, 7168, 4096, (128, 1), (128, 1)),
-    ]
-    for r in rows:
-        print(r, flush=True)
-    write_results("fp8_gpu", f"FP8 blockwise GEMM (Triton) vs bf16 matmul on {torch.cuda.get_device_name()}", rows,
-                  notes=["Triton kernel: fixed 128x128 output tiles, K step 128 with FP32 promotion per step; "
-                         "untuned (no TMA, no warp specialisation, no persistent scheduling)."])
+    if "gemm" not in args.skip:
+        rows = gemm_rows(device, args.quick)
+        write_results("gpu_gemm", f"FP8 blockwise GEMM vs bf16 matmul on {where}", rows, out_dir=args.out,
+                      notes=["Triton kernel: fixed 128x128 output tiles, K step 128 with FP32 promotion per step; "
+                             "untuned (no TMA, no warp specialisation, no persistent scheduling)."])
+        for r in rows:
+            print(r, flush=True)
+    if "step" not in args.skip:
+        rows, summary = step_rows(device, args.quick)
+        write_results("gpu_step", f"Training step, BF16 vs FP8, on {where}", rows, summary=summary, out_dir=args.out,
+                      notes=["The trainer's step (forward, backward, AdamW, FP32 master weights), interleaved; "
+                             "MFU = model FLOP/s (MLA + activated MoE, fwd + bwd) / the bf16 matmul rate "
+                             "measured in this run."])
+        print(summary, flush=True)
+    if "hf" not in args.skip:
+        try:
+            rows = hf_rows(device, args.quick)
+        except ImportError as e:  # transformers is optional
+            print(f"[gpu] transformers comparison skipped: {e}")
+        else:
+            write_results("gpu_hf", f"Training throughput vs transformers DeepseekV3ForCausalLM on {where}", rows,
+                          out_dir=args.out, summary={"speedup_bf16": rows[0]["speedup"], "target": ">= 3x"})
+            print(rows[0], flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

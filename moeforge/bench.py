@@ -81,6 +81,29 @@ def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]
     return best
 
 
+def train_step(cfg, tokens: torch.Tensor, device: torch.device | str = "cpu"):
+    """The trainer's step for ``cfg`` on one batch: ``build_model`` as the trainer builds
+    it, ``lm_loss``, backward, moeforge's AdamW. Returns (step, loss_fn, model); ``step``
+    frees the gradients after the update, so several variants can share one process."""
+    from moeforge.train.losses import lm_loss
+    from moeforge.train.optim import AdamW
+    from moeforge.train.pretrain import build_model
+
+    model = build_model(cfg, torch.device(device))
+    opt = AdamW.from_config(model, cfg.train)
+    tokens = tokens.to(device)
+
+    def loss():
+        return lm_loss(model(tokens[:, :-1], labels=tokens[:, 1:]), tokens[:, 1:], cfg.model)["loss"]
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, loss, model
+
+
 def cpu_name() -> str:
     """The CPU's model name and its matrix/bf16 features, e.g. ``AMD EPYC (avx512_bf16)``.
 

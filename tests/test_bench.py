@@ -82,3 +82,57 @@ def test_every_benchmark_that_parses_arguments_accepts_quick():
     assert len(scripts) >= 10
     missing = [p.name for p in scripts if "parse_args" in p.read_text() and '"--quick"' not in p.read_text()]
     assert not missing, missing
+
+
+def _fake_run(root, name: str, losses: list[float], seed: int) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.toml").write_text(f'[train]\nseed = {seed}\nsteps = {len(losses)}\nmicro_batch_size = 16\n'
+                                   'seq_len = 128\nwarmup_steps = 10\nschedule = "v3"\n')
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": i + 1, "loss": v, "lm": v / 2}) + "\n" for i, v in enumerate(losses)))
+
+
+def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp_path, monkeypatch):
+    """bench_fp8_training --compare on synthetic runs: the FP8 gap per seed pair and each BF16
+    control run's distance from its BF16 run, judged on the mean of the last 100 steps only."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    monkeypatch.setattr(mod, "RUN_ROOT", runs)
+    monkeypatch.setattr(mod, "RESULTS_DIR", out)
+    monkeypatch.setattr(bench, "RESULTS_DIR", out)
+    out.mkdir()
+    early = [9.0] * 50  # steps 1-50: outside the final window, must not count
+    for name, seed, final in [("bf16", 1234, 2.0), ("fp8", 1234, 2.01), ("bf16_control", 1234, 1.99),
+                              ("bf16_seed2", 2, 3.0), ("fp8_seed2", 2, 3.03), ("bf16_control_seed2", 2, 3.06)]:
+        _fake_run(runs, name, early + [final] * 100, seed)
+    assert mod.compare("fp8_demo") == 0
+    s = json.loads((out / "fp8_demo.json").read_text())["summary"]
+    assert s["relative_difference"] == pytest.approx(0.005)
+    assert s["relative_difference_by_seed"] == pytest.approx({"1234": 0.005, "2": 0.01})
+    assert s["control_relative_difference_by_seed"] == pytest.approx({"1234": -0.005, "2": 0.02})
+    assert s["control_relative_difference_bf16_vs_bf16"] == pytest.approx(0.005)
+    assert not s["passed"]  # 150 steps, not 2,000
+    assert (out / "fp8_demo.png").is_file() and "bf16 control seed 2" in (out / "fp8_demo.md").read_text()
+
+
+def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
+    """benchmarks/gpu_fp8.py has never run on a GPU: its --device cpu --quick smoke test
+    goes through the same functions (GEMM table, BF16/FP8 step, transformers pair)."""
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(bench.BENCH_DIR))
+    spec = importlib.util.spec_from_file_location("gpu_fp8", bench.BENCH_DIR / "gpu_fp8.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    gemm, step, hf = (json.loads((tmp_path / f"gpu_{n}.json").read_text()) for n in ("gemm", "step", "hf"))
+    assert len(gemm["rows"]) == 5 and all(r["ok"] for r in gemm["rows"])  # calc_diff < 1e-3 on every shape
+    assert {r["variant"] for r in step["rows"]} == {"bf16", "fp8"}
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu_vs_bf16_matmul"] for r in step["rows"])
+    assert step["summary"]["fp8_step_time_vs_bf16"] > 0 and hf["rows"][0]["speedup"] > 0
