@@ -58,8 +58,12 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
     from moeforge.config import load_config
 
     # the control side sees the same tokens per step as two accumulated half batches: the
-    # same gradient mathematically, only the floating-point summation order differs
-    split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2} if _is_control(name) else {}
+    # same gradient mathematically, only the floating-point summation order differs (and
+    # twice the eval batches, so that it evaluates the same validation sequences)
+    split = {}
+    if _is_control(name):
+        split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2,
+                 "train.eval_batches": 2 * load_config("tiny").train.eval_batches}
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
         "fp8.enabled": precision == "fp8", "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
@@ -160,9 +164,12 @@ def compare(stem: str = "fp8_training") -> int:
             rows.append({"precision": f"bf16 control" + ("" if seed == int(tc["seed"]) else f" seed {seed}"),
                          "steps": c[0][-1], "first loss": c[1][0], f"final loss (mean last {LAST})": _final(c),
                          f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
-                         "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
-                         "elapsed s": c[3].get("elapsed_s")})
+                         "last eval CE": c[2][-1][1] if c[2] and _same_eval(seed_name(seed, CONTROL), "bf16") else None,
+                         "tokens/s": c[3].get("tokens_per_s"), "elapsed s": c[3].get("elapsed_s")})
         summary["control_relative_difference_by_seed"] = {str(k): v for k, v in noise.items()}
+        vs_control = {seed: _final(seed_pairs[seed][1]) / _final(c) - 1 for seed, c in controls.items()
+                      if seed in seed_pairs}
+        summary["fp8_vs_control_by_seed"] = {str(k): v for k, v in vs_control.items()}
         if control is not None:
             summary["control_relative_difference_bf16_vs_bf16"] = abs(noise[int(tc["seed"])])
         gaps = summary.get("relative_difference_by_seed", {str(tc["seed"]): final["fp8"] / final["bf16"] - 1})
@@ -171,7 +178,13 @@ def compare(stem: str = "fp8_training") -> int:
             f"accumulated micro-batches of {micro // 2} instead of 1 of {micro}, i.e. the same gradient up to "
             "floating-point summation order (its first steps agree to ~1e-5), ends this far from the first BF16 run: "
             + ", ".join(f"seed {k} {v:+.3%} (fp8: {gaps.get(str(k), float('nan')):+.3%})" for k, v in noise.items())
-            + ". A change of summation order alone moves the final loss by about as much as FP8 does."]
+            + f"; mean size {_mean_abs(noise.values()):.3%} for summation order, "
+              f"{_mean_abs(gaps.get(str(k), float('nan')) for k in noise):.3%} for FP8 on the same seeds.",
+            "FP8 against the BF16 control instead: " + ", ".join(
+                f"seed {k} {v:+.3%}" for k, v in vs_control.items())
+            + "; the nearer of the two BF16 runs is " + ", ".join(
+                f"{min(abs(gaps.get(str(k), float('nan'))), abs(v)):.3%} away (seed {k})" for k, v in vs_control.items())
+            + ", the two BF16 runs are " + ", ".join(f"{abs(noise[k]):.3%}" for k in vs_control) + " apart."]
         if control is not None:
             sides_c = {"bf16": sides["bf16"], CONTROL: control}
             control_notes.append(f"{CONTROL} (seed {tc['seed']}) vs bf16 by 250-step window: " + ", ".join(
@@ -227,6 +240,23 @@ def _controls(main_seed: int, steps: int) -> dict[int, tuple]:
         if c[0] and c[0][-1] == steps:
             out[main_seed if rest == "" else int(rest.removeprefix("_seed"))] = c
     return out
+
+
+def _mean_abs(xs) -> float:
+    xs = list(xs)
+    return sum(abs(x) for x in xs) / len(xs)
+
+
+def seed_name(seed: int, base: str) -> str:
+    """The run directory of ``base`` (bf16, fp8, bf16_control) for ``seed``."""
+    return base if seed == int(_run_train_config("bf16")["seed"]) else f"{base}_seed{seed}"
+
+
+def _same_eval(a: str, b: str) -> bool:
+    """Runs a and b evaluated the same validation sequences (eval_batches x micro-batch);
+    session 12's first controls halved the micro-batch without doubling eval_batches."""
+    ta, tb = _run_train_config(a), _run_train_config(b)
+    return ta["eval_batches"] * ta["micro_batch_size"] == tb["eval_batches"] * tb["micro_batch_size"]
 
 
 def _resumes() -> dict[str, int]:

@@ -116,6 +116,7 @@ def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp
     assert s["relative_difference_by_seed"] == pytest.approx({"1234": 0.005, "2": 0.01})
     assert s["control_relative_difference_by_seed"] == pytest.approx({"1234": -0.005, "2": 0.02})
     assert s["control_relative_difference_bf16_vs_bf16"] == pytest.approx(0.005)
+    assert s["fp8_vs_control_by_seed"] == pytest.approx({"1234": 2.01 / 1.99 - 1, "2": 3.03 / 3.06 - 1})
     assert not s["passed"]  # 150 steps, not 2,000
     assert (out / "fp8_demo.png").is_file() and "bf16 control seed 2" in (out / "fp8_demo.md").read_text()
 
