@@ -12,6 +12,11 @@ processes so that they can run at the same time, one thread each::
     OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/bench_fp8_training.py --precision fp8 &
     .venv/bin/python benchmarks/bench_fp8_training.py --compare   # when both have finished
 
+or the whole protocol in one command: every missing run (BF16, FP8 and a BF16 control, see
+below, for the preset's seed and each extra seed), two at a time, then the comparison::
+
+    .venv/bin/python benchmarks/bench_fp8_training.py --all --seeds 2 3 --name fp8_training
+
 Choices:
 
 - Run directories are ``runs/fp8_training/{bf16,fp8}``; a side that finds checkpoints
@@ -30,6 +35,10 @@ Choices:
   ``{precision}_seedN``; ``--compare`` then adds the gap of every finished seed pair, their
   mean, and how far apart the BF16 runs of different seeds end (the size of a change of
   seed), because one pair's gap at this scale is partly chance.
+- ``--control`` trains a second BF16 run on the same tokens per step taken as two
+  accumulated half micro-batches: mathematically the same gradient, only the summation
+  order differs. Its distance from the first BF16 run is the comparison's noise floor
+  (session 12: 0.23% and 0.60% on two seeds, as large as FP8's gaps on them).
 - ``--compare`` reads both metrics.jsonl files and writes
   ``benchmarks/results/fp8_training.{json,md,png}`` (the report picks up ``fp8*.json`` and
   the PNG with the same stem). The training-loss curves are drawn raw and as a 50-step
@@ -40,7 +49,10 @@ Choices:
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -207,7 +219,8 @@ def compare(stem: str = "fp8_training") -> int:
              "resume) on a shared, loaded machine: not a speed comparison; see fp8_cost for that."]
     write_results(stem, "FP8 vs BF16 training of the tiny MoE preset: final-loss difference", rows,
                   notes=notes, summary=summary)
-    plot(sides, rel, control, {k: v for k, v in seed_pairs.items() if k != int(tc["seed"])}, stem, controls)
+    plot(sides, rel, control, {k: v for k, v in seed_pairs.items() if k != int(tc["seed"])}, stem, controls,
+         int(tc["seed"]))
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
 
@@ -219,7 +232,7 @@ def _final(c) -> float:
 def _seed_pairs(main_seed: int, steps: int) -> dict[int, tuple]:
     """{seed: (bf16 curve, fp8 curve)}: the main pair plus every finished bf16_seedN/fp8_seedN pair."""
     pairs = {main_seed: (curve("bf16"), curve("fp8"))}
-    for d in sorted(RUN_ROOT.glob("bf16_seed*")):
+    for d in sorted(x for x in RUN_ROOT.glob("bf16_seed*") if x.is_dir()):
         seed = int(d.name.removeprefix("bf16_seed"))
         if not (RUN_ROOT / f"fp8_seed{seed}" / "metrics.jsonl").is_file():
             continue
@@ -232,7 +245,7 @@ def _seed_pairs(main_seed: int, steps: int) -> dict[int, tuple]:
 def _controls(main_seed: int, steps: int) -> dict[int, tuple]:
     """{seed: curve} of every finished BF16 control run (``--control [--seed N]``) of ``steps`` steps."""
     out = {}
-    for d in sorted(RUN_ROOT.glob(f"{CONTROL}*")):
+    for d in sorted(x for x in RUN_ROOT.glob(f"{CONTROL}*") if x.is_dir()):
         rest = d.name.removeprefix(CONTROL)
         if not (d / "metrics.jsonl").is_file() or not (rest == "" or rest.startswith("_seed")):
             continue
@@ -300,13 +313,13 @@ def _relative_curve(base, other) -> tuple[list[int], list[float]]:
 
 
 def plot(sides: dict, rel: float, control=None, seeds: dict | None = None, stem: str = "fp8_training",
-         controls: dict | None = None) -> None:
+         controls: dict | None = None, main_seed: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.5), gridspec_kw={"width_ratios": [1, 1, 0.6]})
     for (p, (steps, losses, evals, _)), color in zip(sides.items(), ("tab:blue", "tab:red")):
         ax.plot(steps, losses, color=color, alpha=0.2, lw=0.6)
         ax.plot(steps, moving_average(losses, 50), color=color, lw=1.4, label=f"{p} (50-step mean)")
@@ -322,7 +335,8 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None, stem:
     if control is not None:  # the BF16-vs-BF16 noise floor, same axes
         ax2.plot(*_relative_curve(sides["bf16"], control), color="tab:orange", lw=1.2,
                  label="bf16 rerun vs bf16 (noise floor)")
-    for (seed, (b16, f8)), color in zip((seeds or {}).items(), ("tab:purple", "tab:brown", "tab:pink")):
+    for (seed, (b16, f8)), color in zip((seeds or {}).items(), ("tab:purple", "tab:brown", "tab:pink", "tab:olive",
+                                                                "tab:cyan", "tab:gray")):
         ax2.plot(*_relative_curve(b16, f8), color=color, lw=1.0, label=f"fp8 vs bf16, seed {seed}")
         if seed in (controls or {}):
             ax2.plot(*_relative_curve(b16, controls[seed]), color=color, lw=1.0, ls="--",
@@ -332,10 +346,75 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None, stem:
     ax2.set(xlabel="step", ylabel="(fp8 - bf16) / bf16", title="relative loss difference (target band +-0.25%)")
     lim = max(0.01, 1.5 * max(abs(v) for v in smooth[len(smooth) // 10:] or [0.0]))  # skip the first-steps transient
     ax2.set_ylim(-lim, lim)
-    ax2.legend()
+    ax2.legend(fontsize=7)
+    _plot_final_gaps(ax3, sides, control, seeds or {}, controls or {}, main_seed)
     fig.tight_layout()
     fig.savefig(RESULTS_DIR / f"{stem}.png", dpi=110)
     plt.close(fig)
+
+
+def planned_runs(seeds: list[int], steps: int) -> list[tuple[str, list[str]]]:
+    """(run name, its arguments) of each run ``--all`` needs that has not logged ``steps``
+    steps yet: BF16, FP8 and the BF16 control, for the preset's seed and each of ``seeds``."""
+    from moeforge.config import load_config
+
+    main_seed = load_config("tiny").train.seed
+    out = []
+    for seed in [None, *(x for x in dict.fromkeys(seeds) if x != main_seed)]:
+        for precision, control in (("bf16", False), ("fp8", False), ("bf16", True)):
+            name = (CONTROL if control else precision) + ("" if seed is None else f"_seed{seed}")
+            done = (RUN_ROOT / name / "metrics.jsonl").is_file() and curve(name)[0][-1:] >= [steps]
+            if not done:
+                out.append((name, ["--precision", precision, *(["--control"] if control else []),
+                                   *([] if seed is None else ["--seed", str(seed)])]))
+    return out
+
+
+def run_all(seeds: list[int], jobs: int, steps: int, passed: list[str], stem: str) -> int:
+    """Train every missing run, ``jobs`` at a time (each with cores / jobs threads; an
+    interrupted one resumes from its checkpoint), then :func:`compare`."""
+    todo = planned_runs(seeds, steps)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    running, failed = {}, []
+    print(f"[fp8_training] {len(todo)} run(s) to train, {jobs} at a time: {', '.join(n for n, _ in todo) or 'none'}")
+    while todo or running:
+        while todo and len(running) < jobs:
+            name, args = todo.pop(0)
+            (RUN_ROOT / name).mkdir(exist_ok=True)
+            with open(RUN_ROOT / name / "train.log", "a") as log:
+                running[name] = subprocess.Popen([sys.executable, __file__, *args, *passed], stdout=log,
+                                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            print(f"[fp8_training] {time.strftime('%H:%M:%S')} started {name} ({threads} thread(s); log {RUN_ROOT / name / 'train.log'})")
+        time.sleep(2)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                print(f"[fp8_training] {time.strftime('%H:%M:%S')} {name}: "
+                      + ("done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"), flush=True)
+                if proc.returncode:
+                    failed.append(name)
+    if failed:
+        print(f"[fp8_training] failed: {', '.join(failed)}; rerun --all to resume them", file=sys.stderr)
+        return 1
+    return compare(stem)
+
+
+def _plot_final_gaps(ax, sides: dict, control, seeds: dict, controls: dict, main_seed: int | None) -> None:
+    """Per seed: FP8's final-loss gap to BF16 and, where run, the BF16 control's (same
+    gradient, another summation order), against the target band."""
+    pairs = {"main": (sides["bf16"], sides["fp8"], control),
+             **{str(k): (b16, f8, controls.get(k)) for k, (b16, f8) in seeds.items()}}
+    for i, (label, (b16, f8, ctl)) in enumerate(pairs.items()):
+        ax.plot(i, 100 * (_final(f8) / _final(b16) - 1), "o", color="tab:red", label="fp8" if i == 0 else None)
+        if ctl is not None:
+            ax.plot(i, 100 * (_final(ctl) / _final(b16) - 1), "x", color="tab:orange", ms=9,
+                    label="bf16 control" if i == 0 or "bf16 control" not in ax.get_legend_handles_labels()[1] else None)
+    ax.axhspan(-100 * TARGET, 100 * TARGET, color="tab:green", alpha=0.12, label="target band")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(pairs)), [f"seed {main_seed if k == 'main' else k}" for k in pairs], fontsize=8)
+    ax.set(ylabel="final loss vs bf16 (%)", title="final-loss gap per seed")
+    ax.legend(fontsize=7)
 
 
 def main() -> int:
@@ -356,8 +435,16 @@ def main() -> int:
                          "what the stdlib holds), so 2,000 steps of 16 x 129 (4.13M) stay within one epoch")
     ap.add_argument("--name", default="fp8_training",
                     help="results file stem for --compare (e.g. fp8_training_epyc for another host's runs)")
+    mode.add_argument("--all", action="store_true",
+                    help="train every missing run (bf16, fp8 and the bf16 control, for the preset's seed and each "
+                         "of --seeds), --jobs at a time, then compare")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[], help="more seeds for --all")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time for --all (each gets cores / jobs threads)")
     ap.add_argument("--quick", action="store_true", help="(from `moeforge bench`) compare existing runs, never train")
     args = ap.parse_args()
+    if args.all:
+        passed = ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--data-mb", str(args.data_mb)]
+        return run_all(args.seeds, args.jobs, args.steps, passed, args.name)
     if args.precision is None:  # --compare, or `moeforge bench` (every benchmark, no arguments): compare
         if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # but never start a
             return compare(args.name)  # 25-minute training from there

@@ -137,3 +137,60 @@ def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
     assert {r["variant"] for r in step["rows"]} == {"bf16", "fp8"}
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu_vs_bf16_matmul"] for r in step["rows"])
     assert step["summary"]["fp8_step_time_vs_bf16"] > 0 and hf["rows"][0]["speedup"] > 0
+
+
+def test_fp8_training_all_plans_only_the_missing_runs(tmp_path, monkeypatch):
+    """--all trains BF16, FP8 and the BF16 control per seed, skipping finished runs (an
+    unfinished one is planned again: it resumes) and the preset's own seed given twice."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RUN_ROOT", tmp_path)
+    _fake_run(tmp_path, "bf16", [2.0] * 150, 1234)
+    _fake_run(tmp_path, "fp8", [2.0] * 100, 1234)  # interrupted at step 100
+    _fake_run(tmp_path, "bf16_seed2", [2.0] * 150, 2)
+    plan = dict(mod.planned_runs([2, 1234], steps=150))
+    assert plan == {"fp8": ["--precision", "fp8"], "bf16_control": ["--precision", "bf16", "--control"],
+                    "fp8_seed2": ["--precision", "fp8", "--seed", "2"],
+                    "bf16_control_seed2": ["--precision", "bf16", "--control", "--seed", "2"]}
+
+
+FAKE_SIDE = """
+import argparse, json, os, pathlib
+ap = argparse.ArgumentParser()
+ap.add_argument("--precision"); ap.add_argument("--control", action="store_true"); ap.add_argument("--seed", type=int)
+ap.add_argument("--steps", type=int); ap.add_argument("--micro-batch"); ap.add_argument("--data-mb")
+a = ap.parse_args()
+name = ("bf16_control" if a.control else a.precision) + ("" if a.seed is None else f"_seed{a.seed}")
+final = {"bf16": 2.0, "fp8": 2.004, "bf16_control": 1.998}[name.split("_seed")[0]] * (1 if a.seed is None else 1.5)
+d = pathlib.Path(os.environ["FAKE_ROOT"]) / name
+d.mkdir(parents=True, exist_ok=True)
+(d / "config.toml").write_text(f'[train]\\nseed = {a.seed or 1234}\\nsteps = {a.steps}\\nmicro_batch_size = 16\\n'
+                               'seq_len = 128\\nwarmup_steps = 10\\nschedule = "v3"\\neval_batches = 4\\n')
+(d / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": i + 1, "loss": final, "lm": final})
+                                         + "\\n" for i in range(a.steps)))
+"""
+
+
+def test_fp8_training_all_trains_the_missing_runs_then_compares(tmp_path, monkeypatch):
+    """--all's orchestration with a stand-in for the training script: every planned run is
+    started (two at a time), and the comparison then reads them all."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    out.mkdir()
+    (tmp_path / "side.py").write_text(FAKE_SIDE)
+    monkeypatch.setattr(mod, "__file__", str(tmp_path / "side.py"))
+    for m, attr, value in [(mod, "RUN_ROOT", runs), (mod, "RESULTS_DIR", out), (bench, "RESULTS_DIR", out)]:
+        monkeypatch.setattr(m, attr, value)
+    monkeypatch.setenv("FAKE_ROOT", str(runs))
+    assert mod.run_all([3], jobs=2, steps=120, passed=["--steps", "120"], stem="demo") == 0
+    s = json.loads((out / "demo.json").read_text())["summary"]
+    assert s["relative_difference_by_seed"] == pytest.approx({"1234": 0.002, "3": 0.002})
+    assert s["control_relative_difference_by_seed"] == pytest.approx({"1234": -0.001, "3": -0.001})
+    assert mod.planned_runs([3], steps=120) == []  # nothing left to train
