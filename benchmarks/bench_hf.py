@@ -67,37 +67,52 @@ def make_step(model, tokens, is_hf: bool, bf16: bool):
     return step, loss_fn
 
 
+def measure(cfg, batch: int, seq: int, regime: str, repeat: int, device: str | torch.device = "cpu") -> dict:
+    """One regime at one batch: both models from the same weights, first losses checked
+    close, then steps timed interleaved (on CUDA each step ends in a synchronisation, so
+    the work is timed, not its launch)."""
+    device = torch.device(device)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1)).to(device)
+    ours, hf = (m.to(device) for m in build_pair(cfg))
+    s_ours, l_ours = make_step(ours, tokens, False, regime == "bf16")
+    s_hf, l_hf = make_step(hf, tokens, True, regime == "bf16")
+    if device.type == "cuda":
+        s_ours, s_hf = (lambda f=f: (f(), torch.cuda.synchronize(device)) for f in (s_ours, s_hf))
+    with torch.no_grad():
+        a, b = l_ours().item(), l_hf().item()
+    assert abs(a - b) < (1e-3 if regime == "fp32" else 3e-2), (regime, a, b)
+    t = interleaved({"moeforge": s_ours, "transformers": s_hf}, repeat=repeat)
+    return {"precision": regime, "batch_tokens": batch * seq,
+            "moeforge_tok_s": batch * seq / t["moeforge"], "transformers_tok_s": batch * seq / t["transformers"],
+            "speedup": t["transformers"] / t["moeforge"], "first_loss_ours": a, "first_loss_hf": b}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", type=int, nargs="*", default=None,
+                    help="more batch sizes (sequences) for bf16 (default 1 and 16; none with --quick)")
     args = ap.parse_args()
     over = {"model.mtp_depth": 0}
     if args.quick:
         over.update({"model.n_layers": 3, "model.vocab_size": 4096})
     cfg = load_config("small", over)
     batch, seq = (2, 128) if args.quick else (4, 256)
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1))
-    rows = []
-    for regime in ("fp32", "bf16"):
-        ours, hf = build_pair(cfg)
-        s_ours, l_ours = make_step(ours, tokens, False, regime == "bf16")
-        s_hf, l_hf = make_step(hf, tokens, True, regime == "bf16")
-        with torch.no_grad():
-            a, b = l_ours().item(), l_hf().item()
-        assert abs(a - b) < (1e-3 if regime == "fp32" else 3e-2), (regime, a, b)
-        t = interleaved({"moeforge": s_ours, "transformers": s_hf}, repeat=3 if args.quick else 5)
-        rows.append({"precision": regime, "batch_tokens": batch * seq,
-                     "moeforge_tok_s": batch * seq / t["moeforge"], "transformers_tok_s": batch * seq / t["transformers"],
-                     "speedup": t["transformers"] / t["moeforge"], "first_loss_ours": a, "first_loss_hf": b})
-        del ours, hf
-    summary = {f"speedup_{r['precision']}": r["speedup"] for r in rows} | {"target": ">= 3x"}
+    repeat = 3 if args.quick else 5
+    rows = [measure(cfg, batch, seq, regime, repeat) for regime in ("fp32", "bf16")]
+    sweep = args.sweep if args.sweep is not None else ([] if args.quick else [1, 16])
+    rows += [measure(cfg, b, seq, "bf16", repeat) for b in sweep if b != batch]
+    summary = {f"speedup_{r['precision']}": r["speedup"] for r in rows[:2]} | {"target": ">= 3x"}
+    if len(rows) > 2:
+        summary["speedup_bf16_by_batch_tokens"] = {r["batch_tokens"]: r["speedup"] for r in sorted(
+            rows[1:], key=lambda r: r["batch_tokens"])}
     notes = [f"config: small preset{' (quick: 3 layers, vocab 4096)' if args.quick else ''}, MTP off, "
-             f"batch {batch} x {seq}; forward + backward + torch AdamW step; transformers "
-             "uses its default expert implementation and SDPA attention."]
+             f"batch {batch} x {seq} (the bf16 sweep rows: other batch sizes of {seq}-token sequences); forward + "
+             "backward + torch AdamW step; transformers uses its default expert implementation and SDPA attention."]
     write_results("hf_throughput", "Training throughput vs transformers DeepseekV3ForCausalLM", rows, notes, summary)
     for r in rows:
-        print(f"{r['precision']}: moeforge {r['moeforge_tok_s']:.0f} tok/s, transformers {r['transformers_tok_s']:.0f} "
-              f"tok/s -> {r['speedup']:.2f}x")
+        print(f"{r['precision']} {r['batch_tokens']} tokens: moeforge {r['moeforge_tok_s']:.0f} tok/s, transformers "
+              f"{r['transformers_tok_s']:.0f} tok/s -> {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -128,22 +128,12 @@ def step_rows(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
 
 
 def hf_rows(device: torch.device, quick: bool) -> list[dict]:
-    """Ours vs transformers on the identical config and batch (bench_hf.py's pair), bf16."""
-    from bench_hf import build_pair, make_step  # benchmarks/ is on sys.path when run as a script
+    """Ours vs transformers on the identical config and batch, bf16 (bench_hf.py's measure)."""
+    from bench_hf import measure  # benchmarks/ is on sys.path when run as a script
 
     over = {"model.mtp_depth": 0, **({"model.n_layers": 2, "model.vocab_size": 1024} if quick else {})}
-    cfg = load_config("small", over)
     batch, seq = (2, 64) if quick else (16, 512)
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    ours, hf = (m.to(device) for m in build_pair(cfg))
-    tokens = tokens.to(device)
-    fns = {"moeforge": make_step(ours, tokens, False, True)[0], "transformers": make_step(hf, tokens, True, True)[0]}
-    fns = {k: synced(v, device) for k, v in fns.items()}
-    for f in fns.values():
-        f()
-    t = interleaved(fns, repeat=2 if quick else 10)
-    return [{"precision": "bf16", "batch_tokens": batch * seq, "moeforge_tok_s": batch * seq / t["moeforge"],
-             "transformers_tok_s": batch * seq / t["transformers"], "speedup": t["transformers"] / t["moeforge"]}]
+    return [measure(load_config("small", over), batch, seq, "bf16", 2 if quick else 10, device)]
 
 
 def main(argv: list[str] | None = None) -> int:
