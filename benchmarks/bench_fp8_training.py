@@ -292,12 +292,6 @@ def _window_differences(sides: dict, width: int, other: str = "fp8") -> dict[str
     return out
 
 
-def _threads(name: str) -> str:
-    """Thread count a side ran with (written by train_side), or '?'."""
-    f = RUN_ROOT / name / "threads.txt"
-    return f.read_text().strip() if f.is_file() else "?"
-
-
 def _run_train_config(precision: str) -> dict:
     """The [train] settings a run actually used, read back from its config.toml."""
     import tomllib
