@@ -197,6 +197,22 @@ def compare(stem: str = "fp8_training") -> int:
             + "; the nearer of the two BF16 runs is " + ", ".join(
                 f"{min(abs(gaps.get(str(k), float('nan'))), abs(v)):.3%} away (seed {k})" for k, v in vs_control.items())
             + ", the two BF16 runs are " + ", ".join(f"{abs(noise[k]):.3%}" for k in vs_control) + " apart."]
+        apart = {seed: (weight_distance(seed_name(seed, "bf16"), seed_name(seed, "fp8")),
+                        weight_distance(seed_name(seed, "bf16"), seed_name(seed, CONTROL))) for seed in vs_control}
+        apart = {k: v for k, v in apart.items() if None not in v}
+        seeds2 = sorted(apart)[:2]
+        other_seed = (weight_distance(seed_name(seeds2[0], "bf16"), seed_name(seeds2[1], "bf16"))
+                      if len(seeds2) == 2 else None)
+        if apart:
+            summary["weight_distance_by_seed"] = {str(k): {"fp8": v[0], "control": v[1]} for k, v in apart.items()}
+            summary["weight_distance_bf16_two_seeds"] = other_seed
+            control_notes.append(
+                "Why one pair cannot settle 0.25%: at the last checkpoint the same-seed runs' weights are far apart "
+                "(||w - w_bf16|| / ||w_bf16||: " + ", ".join(
+                    f"seed {k} fp8 {v[0]:.2f}, control {v[1]:.2f}" for k, v in apart.items()) + "; "
+                + (f"BF16 runs of seeds {seeds2[0]} and {seeds2[1]}: {other_seed:.2f}" if other_seed else "")
+                + "): from the same seed and data, chaotic MoE training ends at a different model whichever "
+                "way it is perturbed, and the final-loss gap between two such models is the spread the controls show.")
         if control is not None:
             sides_c = {"bf16": sides["bf16"], CONTROL: control}
             control_notes.append(f"{CONTROL} (seed {tc['seed']}) vs bf16 by 250-step window: " + ", ".join(
@@ -253,6 +269,23 @@ def _controls(main_seed: int, steps: int) -> dict[int, tuple]:
         if c[0] and c[0][-1] == steps:
             out[main_seed if rest == "" else int(rest.removeprefix("_seed"))] = c
     return out
+
+
+def weight_distance(a: str, b: str) -> float | None:
+    """||w_a - w_b|| / ||w_a|| over all parameters at the newest checkpoint both runs have
+    at the same step, or None. ~0 for runs that stayed together, ~1 or more for runs whose
+    weights are no closer than unrelated models'."""
+    from safetensors.torch import load_file
+
+    from moeforge.train import checkpoint as ckpt
+
+    steps = [dict(ckpt.step_dirs(RUN_ROOT / n / "checkpoints")) for n in (a, b)]
+    common = sorted(set(steps[0]) & set(steps[1]))
+    if not common:
+        return None
+    wa, wb = (load_file(st[common[-1]] / "model.safetensors") for st in steps)
+    num = sum(float((wa[k].double() - wb[k].double()).square().sum()) for k in wa)
+    return (num / sum(float(wa[k].double().square().sum()) for k in wa)) ** 0.5
 
 
 def _mean_abs(xs) -> float:

@@ -194,3 +194,22 @@ def test_fp8_training_all_trains_the_missing_runs_then_compares(tmp_path, monkey
     assert s["relative_difference_by_seed"] == pytest.approx({"1234": 0.002, "3": 0.002})
     assert s["control_relative_difference_by_seed"] == pytest.approx({"1234": -0.001, "3": -0.001})
     assert mod.planned_runs([3], steps=120) == []  # nothing left to train
+
+
+def test_fp8_training_weight_distance_at_the_newest_common_checkpoint(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RUN_ROOT", tmp_path)
+    for name, step, w in [("a", 250, [3.0, 4.0]), ("a", 500, [3.0, 4.0]), ("b", 250, [3.0, 4.0]),
+                          ("b", 500, [0.0, 4.0]), ("b", 750, [9.0, 9.0])]:
+        d = tmp_path / name / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        save_file({"x": torch.tensor(w), "y": torch.zeros(2)}, str(d / "model.safetensors"))
+    assert mod.weight_distance("a", "b") == pytest.approx(3 / 5)  # step 500: ||(3, 0)|| / ||(3, 4)||
+    assert mod.weight_distance("a", "c") is None
