@@ -111,17 +111,20 @@ def step_rows(device: torch.device, quick: bool) -> tuple[list[dict], dict]:
         cfg = load_config(preset, {**over, "fp8.enabled": name == "fp8"})
         step, _, _ = train_step(cfg, tokens, device)
         steps[name] = synced(step, device)
-        if device.type == "cuda":
+        resting = 0
+        if device.type == "cuda":  # the other variant's model stays resident: count from here
             torch.cuda.reset_peak_memory_stats(device)
+            resting = torch.cuda.memory_allocated(device)
         for _ in range(2 if quick else 3):  # warm-up: Triton compiles, cuBLAS picks kernels
             steps[name]()
-        peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+        peaks[name] = ((torch.cuda.max_memory_allocated(device) - resting) / 2**20 if device.type == "cuda"
+                       else float("nan"))
     t = interleaved(steps, repeat=2 if quick else 10)
     peak = matmul_tflops(device, 256 if quick else 8192, 2 if quick else 10) * 1e12
     fpt = train_flops_per_token(base.model, seq)
     rows = [{"variant": n, "step_ms": t[n] * 1e3, "tokens_per_s": batch * seq / t[n],
              "mfu_vs_bf16_matmul": batch * seq / t[n] * fpt / peak, "time_vs_bf16": t[n] / t["bf16"],
-             "peak_memory_mb": peaks[n]} for n in steps]
+             "step_peak_mb": peaks[n]} for n in steps]
     summary = {"preset": preset, "batch": f"{batch} x {seq}", "bf16_matmul_tflops": peak / 1e12,
                "fp8_step_time_vs_bf16": t["fp8"] / t["bf16"], "mfu_bf16": rows[0]["mfu_vs_bf16_matmul"]}
     return rows, summary
@@ -160,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         write_results("gpu_step", f"Training step, BF16 vs FP8, on {where}", rows, summary=summary, out_dir=args.out,
                       notes=["The trainer's step (forward, backward, AdamW, FP32 master weights), interleaved; "
                              "MFU = model FLOP/s (MLA + activated MoE, fwd + bwd) / the bf16 matmul rate "
-                             "measured in this run."])
+                             "measured in this run. step_peak_mb: the CUDA allocator's peak during the warm-up "
+                             "steps above what was allocated before them (the model, its optimizer state and "
+                             "the other variant stay resident)."])
         print(summary, flush=True)
     if "hf" not in args.skip:
         try:
