@@ -21,7 +21,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from moeforge.bench import interleaved, write_results
+from moeforge.bench import interleaved, synced, write_results
 from moeforge.config import load_config
 from moeforge.model.transformer import Transformer
 
@@ -76,8 +76,7 @@ def measure(cfg, batch: int, seq: int, regime: str, repeat: int, device: str | t
     ours, hf = (m.to(device) for m in build_pair(cfg))
     s_ours, l_ours = make_step(ours, tokens, False, regime == "bf16")
     s_hf, l_hf = make_step(hf, tokens, True, regime == "bf16")
-    if device.type == "cuda":
-        s_ours, s_hf = (lambda f=f: (f(), torch.cuda.synchronize(device)) for f in (s_ours, s_hf))
+    s_ours, s_hf = synced(s_ours, device), synced(s_hf, device)
     with torch.no_grad():
         a, b = l_ours().item(), l_hf().item()
     assert abs(a - b) < (1e-3 if regime == "fp32" else 3e-2), (regime, a, b)

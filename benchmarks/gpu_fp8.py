@@ -33,22 +33,12 @@ from pathlib import Path
 
 import torch
 
-from moeforge.bench import RESULTS_DIR, interleaved, train_step, write_results
+from moeforge.bench import RESULTS_DIR, interleaved, synced, train_step, write_results
 from moeforge.config import load_config
 from moeforge.fp8 import calc_diff
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.linear import Fp8Ops
 from moeforge.train.metrics import train_flops_per_token
-
-
-def synced(fn, device: torch.device):
-    """``fn`` followed by a device synchronisation: what ``interleaved`` times is then the
-    work, not the launch."""
-    def run():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return run
 
 
 def seconds(fn, repeat: int) -> float:

@@ -81,6 +81,18 @@ def machine_peak_flops(dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]
     return best
 
 
+def synced(fn: Callable[[], object], device: torch.device | str) -> Callable[[], None]:
+    """``fn`` followed by a synchronisation of ``device`` when it is a GPU, so that timing
+    it (``interleaved``) measures the work, not its launch."""
+    device = torch.device(device)
+
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
 def train_step(cfg, tokens: torch.Tensor, device: torch.device | str = "cpu"):
     """The trainer's step for ``cfg`` on one batch: ``build_model`` as the trainer builds
     it, ``lm_loss``, backward, moeforge's AdamW. Returns (step, loss_fn, model); ``step``
