@@ -117,6 +117,9 @@ def test_label_three_pairs_with_the_keyboard(server, tmp_path):
                 page.screenshot(path=os.environ["MOEFORGE_SCREENSHOT"], full_page=True)
             page.keyboard.press("x")
             page.wait_for_selector(f'#status:has-text("Saved pair #{third}")')
+            # the counter comes from a second request (refreshProgress) after the status line:
+            # wait for it (reading at once failed once on a loaded host: "2 judged")
+            page.wait_for_selector('#who:has-text("3 judged")', timeout=10_000)
             assert "3 judged" in page.text_content("#who")
             assert errors == []
         finally:
