@@ -84,6 +84,16 @@ def test_every_benchmark_that_parses_arguments_accepts_quick():
     assert not missing, missing
 
 
+def _bench_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, bench.BENCH_DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _fake_run(root, name: str, losses: list[float], seed: int) -> None:
     d = root / name
     d.mkdir(parents=True)
@@ -96,11 +106,8 @@ def _fake_run(root, name: str, losses: list[float], seed: int) -> None:
 def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp_path, monkeypatch):
     """bench_fp8_training --compare on synthetic runs: the FP8 gap per seed pair and each BF16
     control run's distance from its BF16 run, judged on the mean of the last 100 steps only."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_fp8_training")
     runs, out = tmp_path / "runs", tmp_path / "results"
     monkeypatch.setattr(mod, "RUN_ROOT", runs)
     monkeypatch.setattr(mod, "RESULTS_DIR", out)
@@ -124,13 +131,9 @@ def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp
 def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
     """benchmarks/gpu_fp8.py has never run on a GPU: its --device cpu --quick smoke test
     goes through the same functions (GEMM table, BF16/FP8 step, transformers pair)."""
-    import importlib.util
-
     pytest.importorskip("transformers")
     monkeypatch.syspath_prepend(str(bench.BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("gpu_fp8", bench.BENCH_DIR / "gpu_fp8.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("gpu_fp8")
     assert mod.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     gemm, step, hf = (json.loads((tmp_path / f"gpu_{n}.json").read_text()) for n in ("gemm", "step", "hf"))
     assert len(gemm["rows"]) == 5 and all(r["ok"] for r in gemm["rows"])  # calc_diff < 1e-3 on every shape
@@ -142,11 +145,8 @@ def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
 def test_fp8_training_all_plans_only_the_missing_runs(tmp_path, monkeypatch):
     """--all trains BF16, FP8 and the BF16 control per seed, skipping finished runs (an
     unfinished one is planned again: it resumes) and the preset's own seed given twice."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_fp8_training")
     monkeypatch.setattr(mod, "RUN_ROOT", tmp_path)
     _fake_run(tmp_path, "bf16", [2.0] * 150, 1234)
     _fake_run(tmp_path, "fp8", [2.0] * 100, 1234)  # interrupted at step 100
@@ -177,11 +177,8 @@ d.mkdir(parents=True, exist_ok=True)
 def test_fp8_training_all_trains_the_missing_runs_then_compares(tmp_path, monkeypatch):
     """--all's orchestration with a stand-in for the training script: every planned run is
     started (two at a time), and the comparison then reads them all."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_fp8_training")
     runs, out = tmp_path / "runs", tmp_path / "results"
     out.mkdir()
     (tmp_path / "side.py").write_text(FAKE_SIDE)
@@ -197,14 +194,11 @@ def test_fp8_training_all_trains_the_missing_runs_then_compares(tmp_path, monkey
 
 
 def test_fp8_training_weight_distance_at_the_newest_common_checkpoint(tmp_path, monkeypatch):
-    import importlib.util
 
     import torch
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("bench_fp8_training", bench.BENCH_DIR / "bench_fp8_training.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("bench_fp8_training")
     monkeypatch.setattr(mod, "RUN_ROOT", tmp_path)
     for name, step, w in [("a", 250, [3.0, 4.0]), ("a", 500, [3.0, 4.0]), ("b", 250, [3.0, 4.0]),
                           ("b", 500, [0.0, 4.0]), ("b", 750, [9.0, 9.0])]:
