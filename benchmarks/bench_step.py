@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def peak_of(preset: str, name: str) -> None:
 
 
 def measure_peak(preset: str, name: str) -> dict[str, float]:
+    # without the caching allocator too: its freed blocks stay resident, so the resident set
+    # would not follow live memory (see peak_of)
     out = subprocess.run([sys.executable, __file__, "--preset", preset, "--peak-of", name],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env={**os.environ, "MOEFORGE_CPU_CACHE": "0"}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

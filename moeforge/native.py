@@ -2,12 +2,16 @@
 
 Used where eager PyTorch needs many passes over a large tensor for what one pass can do:
 the FP8 quantizers (``fp8/csrc/fp8_cpu.c``) and the fused softmax cross-entropy of the
-output head (``model/csrc/xent_cpu.c``).
+output head (``model/csrc/xent_cpu.c``); and for the one piece that must talk to torch's
+C++ API, the caching CPU allocator (``csrc/cpu_cache_alloc.cpp``, see ``runtime.py``).
 
 Choices:
 
 - Plain C and ctypes, not a torch C++ extension: gcc builds a kernel file in about a
-  second with no torch headers, and ctypes releases the GIL during the call.
+  second with no torch headers, and ctypes releases the GIL during the call. A ``.cpp``
+  source is built with the C++ compiler against torch's headers and ``libc10`` (the
+  flags from :func:`torch_cxx_flags`, torch's version part of the build key), still
+  through ctypes and an ``extern "C"`` interface: no pybind11, no Python headers.
 - Built once per source, compiler, flags and CPU model/features into ``$MOEFORGE_CACHE``
   (default ``~/.cache/moeforge``; the temporary directory when that is not writable),
   written to a temporary name and renamed, so concurrent ranks do not race. The CPU is
@@ -52,11 +56,27 @@ def cpu_id() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def torch_cxx_flags() -> list[str]:
+    """Compiler and linker flags for C++ against the installed torch's c10 (its headers, its
+    library by absolute rpath, its C++ ABI); torch's version keys the build."""
+    import torch
+
+    root = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    return ["-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DMF_TORCH_VERSION=\"{torch.__version__}\"",
+            f"-I{root / 'include'}", f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}"]
+
+
 def build(source: Path, flags: list[str]) -> ctypes.CDLL:
-    """Compile ``source`` into a cached shared library (if not already there) and load it."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """Compile ``source`` into a cached shared library (if not already there) and load it
+    (C, or C++ for a ``.cpp`` file: ``CXX``, ``c++`` or ``g++``)."""
+    cxx = source.suffix == ".cpp"
+    if cxx:
+        cc = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    else:
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+        raise RuntimeError(f"no {'C++' if cxx else 'C'} compiler on PATH")
     flags = [*flags, f"-I{INCLUDE_DIR}"]
     src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(INCLUDE_DIR.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), cpu_id()]).encode()).hexdigest()[:16]
@@ -72,7 +92,8 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+            libs = ["-lc10"] if cxx else ["-lm"]  # after the source: linkers drop unused earlier libraries
+            subprocess.run([cc, *flags, str(source), "-o", tmp, *libs], check=True, capture_output=True, text=True)
             os.replace(tmp, out)
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"{cc} failed: {e.stderr.strip()[:500]}") from None

@@ -1,0 +1,72 @@
+"""The process-level allocator settings (moeforge/runtime.py): the caching CPU allocator
+reuses freed large blocks, keeps to its limit, trains bit-identically to torch's own
+allocator, survives interpreter exit and forked data loader workers. Each scenario runs
+in a child process (tests/cache_child.py): the allocator is process-wide."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHILD = Path(__file__).with_name("cache_child.py")
+# like the C kernels, the allocator is built on first use; without a compiler moeforge runs on torch's own
+needs_cxx = pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")),
+                               reason="no C++ compiler: the caching allocator is skipped")
+
+
+def child(mode: str, **env: str) -> dict:
+    out = subprocess.run([sys.executable, str(CHILD), mode], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_cxx
+def test_cache_reuses_freed_blocks_and_keeps_to_its_limit():
+    res = child("reuse")
+    assert all(res.values()), {k: v for k, v in res.items() if not v}
+
+
+@needs_cxx
+def test_training_is_bit_identical_with_and_without_the_cache():
+    cached = child("train")
+    plain = child("train", MOEFORGE_CPU_CACHE="0")
+    assert cached["installed"] and not plain["installed"]
+    assert cached["hits"] > 100  # most of the step's blocks really came from the cache
+    assert cached["losses"] == plain["losses"]
+    assert float.fromhex(cached["losses"][-1]) < float.fromhex(cached["losses"][0])
+
+
+@needs_cxx
+def test_live_tensors_at_exit_and_forked_workers():
+    assert child("exit") == {"ok": True}
+    assert child("fork")["means"] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_without_a_cxx_compiler_it_is_skipped_with_a_warning(tmp_path):
+    code = ("import warnings, torch\nfrom moeforge import runtime\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
+            "    ok = runtime.install_cpu_cache()\n"
+            "x = torch.ones(64 << 20, dtype=torch.uint8); del x\n"
+            "print(ok, runtime.cpu_cache_stats()['misses'], any('caching CPU allocator' in str(m.message) for m in w))")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "MOEFORGE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "0", "True"]
+
+
+@pytest.mark.parametrize("switch, misses", [pytest.param({}, "1", marks=needs_cxx), ({"MOEFORGE_CPU_CACHE": "0"}, "0"),
+                                            ({"MOEFORGE_NO_MALLOC_TUNING": "1"}, "0")])
+def test_tune_allocator_installs_it_unless_switched_off(switch, misses):
+    code = ("import torch\nfrom moeforge import runtime\nruntime.tune_allocator()\n"
+            "x = torch.ones(64 << 20, dtype=torch.uint8); del x\nprint(runtime.cpu_cache_stats()['misses'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **switch})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == misses
