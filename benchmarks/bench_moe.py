@@ -120,7 +120,10 @@ def main() -> None:
              "Loop baseline: one weight tensor per expert (the stack unbound once), in-place index_add; "
              "indexing the stack per expert instead costs autograd a stack-sized zero gradient per expert "
              "(O(experts^2)), which inflated the loop's times before session 11.",
-             "Both sides cast the FP32 master weights to bf16 once per call (an optimizer step's worth)."]
+             "Both sides cast the FP32 master weights to bf16 once per call (an optimizer step's worth).",
+             "With moeforge's caching CPU allocator, as the trainer runs (moeforge/runtime.py): from 64 experts on, "
+             "the experts' casts and gradients exceed 32 MiB, which glibc would map afresh every call "
+             "(allocator.md: 1.59x at 256 experts)."]
     notes.append("The first rows (32 experts) vary the tokens per call: 4096 is the headline; fewer tokens mean "
                  "fewer rows per expert (4096 x top-4 / 32 = 512 each, 1024 tokens: 128), where the loop's "
                  "per-expert overhead weighs more against its GEMMs.")
