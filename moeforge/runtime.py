@@ -23,7 +23,8 @@ Choices:
   time (``benchmarks/results/allocator.md``). Torch keeps no such cache on CPU.
 - The cost is resident memory that stays mapped after a peak (it is reused by the next
   step): glibc's heap keeps up to 2 GiB, the caching allocator up to
-  ``MOEFORGE_CPU_CACHE_MB`` (default 2048; least recently freed blocks go first).
+  ``MOEFORGE_CPU_CACHE_MB`` (default 2048 per host, divided among torchrun's local ranks;
+  least recently freed blocks go first).
   ``MOEFORGE_NO_MALLOC_TUNING=1`` turns both off, ``MOEFORGE_CPU_CACHE=0`` only the
   second; without a C++ compiler it is skipped with one warning.
 """
@@ -84,16 +85,24 @@ def _cache_library():
     return _cache.get()
 
 
+def default_cache_limit_mb() -> float:
+    """``MOEFORGE_CPU_CACHE_MB``, else 2048 MiB shared by the ranks torchrun starts on this
+    host (``LOCAL_WORLD_SIZE``): eight CPU ranks keep 256 MiB each, not 2 GiB each."""
+    if "MOEFORGE_CPU_CACHE_MB" in os.environ:
+        return float(os.environ["MOEFORGE_CPU_CACHE_MB"])
+    return CACHE_LIMIT_MB / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def install_cpu_cache(threshold: int = CACHE_THRESHOLD, limit_mb: float | None = None) -> bool:
     """Make the caching allocator torch's CPU allocator for blocks of ``threshold`` bytes
-    and more, keeping at most ``limit_mb`` (default ``MOEFORGE_CPU_CACHE_MB`` or 2048) of
+    and more, keeping at most ``limit_mb`` (default: :func:`default_cache_limit_mb`) of
     freed blocks. The threshold is fixed by the first call; later calls set the limit.
     True if the allocator is in place."""
     lib = _cache_library()
     if lib is None:
         return False
     if limit_mb is None:
-        limit_mb = float(os.environ.get("MOEFORGE_CPU_CACHE_MB", CACHE_LIMIT_MB))
+        limit_mb = default_cache_limit_mb()
     lib.mf_cache_install(threshold, int(limit_mb * 2**20))
     return True
 

@@ -70,3 +70,15 @@ def test_tune_allocator_installs_it_unless_switched_off(switch, misses):
                          env={**os.environ, **switch})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == misses
+
+
+def test_default_limit_is_shared_by_local_ranks(monkeypatch):
+    from moeforge import runtime
+
+    monkeypatch.delenv("MOEFORGE_CPU_CACHE_MB", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runtime.default_cache_limit_mb() == runtime.CACHE_LIMIT_MB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert runtime.default_cache_limit_mb() == runtime.CACHE_LIMIT_MB / 8
+    monkeypatch.setenv("MOEFORGE_CPU_CACHE_MB", "100")
+    assert runtime.default_cache_limit_mb() == 100
