@@ -40,6 +40,10 @@ def reuse() -> dict:
     out["much_larger_block_not_spent"] = stats()["misses"] == m + 2 and stats()["cached_bytes"] == 24 * MiB
     del e
     out["within_limit"] = stats()["cached_bytes"] <= 24 * MiB
+    kept = stats()["cached_bytes"]
+    big = torch.empty(30 * MiB, dtype=torch.uint8)
+    del big  # over the limit by itself: freed at once, without flushing the cached blocks
+    out["oversized_block_not_cached"] = stats()["cached_bytes"] == kept
     small = torch.empty(MiB // 2, dtype=torch.uint8)  # under the threshold: torch's own allocator
     before = stats()
     del small

@@ -30,6 +30,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <vector>
 
 namespace {
 
@@ -58,7 +59,7 @@ class CachingCpuAllocator final : public c10::Allocator {
       try {
         ptr = c10::alloc_cpu(size);
       } catch (...) {  // out of memory: give the cache back and try once more
-        empty();
+        shrink_to(0);
         ptr = c10::alloc_cpu(size);
       }
       std::lock_guard<std::mutex> g(mu_);
@@ -76,18 +77,9 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
-  static void release(void* ptr);
-  static void raw_release(void* ptr);
-
-  bool owns(void* ptr) {
-    std::lock_guard<std::mutex> g(mu_);
-    return blocks_.count(ptr) != 0;
-  }
-
-  c10::Allocator* fallback_;
-
+  // a large block's tensor died: cache the block, evicting the least recently freed beyond the limit
   void give_back(void* ptr) {
-    std::list<Block*> evicted;
+    std::vector<Block*> evicted;
     size_t size;
     Stats now;
     {
@@ -95,42 +87,31 @@ class CachingCpuAllocator final : public c10::Allocator {
       Block* b = blocks_.at(ptr);
       size = b->size;
       stats_.live_bytes -= int64_t(size);
-      if (b->size > limit_) {
+      if (size > limit_) {  // over the limit by itself: straight back, the cache as it was
         blocks_.erase(ptr);
         evicted.push_back(b);
+        stats_.evictions++;
       } else {
-        while (stats_.cached_bytes + int64_t(b->size) > int64_t(limit_)) evicted.push_back(pop_oldest());
         lru_.push_back(b);
-        by_size_.emplace(b->size, std::prev(lru_.end()));
-        stats_.cached_bytes += int64_t(b->size);
+        by_size_.emplace(size, std::prev(lru_.end()));
+        stats_.cached_bytes += int64_t(size);
         stats_.cached_blocks++;
+        evicted = evict_over(int64_t(limit_));
       }
-      stats_.evictions += int64_t(evicted.size());
       now = stats_;
     }
     report(ptr, -int64_t(size), now);
-    for (Block* e : evicted) {
-      c10::free_cpu(e->ptr);
-      delete e;
-    }
+    free_blocks(evicted);
   }
 
-  void empty() {
-    std::list<Block*> evicted;
+  // give cached blocks back to the system until at most `bytes` stay cached
+  void shrink_to(int64_t bytes) {
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> g(mu_);
-      while (!lru_.empty()) evicted.push_back(pop_oldest());
-      stats_.evictions += int64_t(evicted.size());
+      evicted = evict_over(bytes);
     }
-    for (Block* e : evicted) {
-      c10::free_cpu(e->ptr);
-      delete e;
-    }
-  }
-
-  Stats stats() {
-    std::lock_guard<std::mutex> g(mu_);
-    return stats_;
+    free_blocks(evicted);
   }
 
   void set_limit(size_t limit) {
@@ -138,10 +119,18 @@ class CachingCpuAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> g(mu_);
       limit_ = limit;
     }
-    trim();
+    shrink_to(int64_t(limit));
   }
 
-  std::mutex mu_;
+  Stats stats() {
+    std::lock_guard<std::mutex> g(mu_);
+    return stats_;
+  }
+
+  static void release(void* ptr);
+  static void raw_release(void* ptr);
+  static void before_fork();
+  static void after_fork();
 
  private:
   // the smallest free block of at least `size` bytes and at most 1/8 (and 2 MiB) more, or nullptr
@@ -160,43 +149,45 @@ class CachingCpuAllocator final : public c10::Allocator {
     return b->ptr;
   }
 
+  // caller holds mu_: takes the least recently freed blocks out of the cache and the table
+  // until at most `bytes` stay cached, and returns them (to be freed without the lock)
+  std::vector<Block*> evict_over(int64_t bytes) {
+    std::vector<Block*> out;
+    while (stats_.cached_bytes > bytes) {
+      Block* b = lru_.front();
+      auto range = by_size_.equal_range(b->size);
+      for (auto it = range.first; it != range.second; ++it) {
+        if (*it->second == b) {
+          by_size_.erase(it);
+          break;
+        }
+      }
+      lru_.pop_front();
+      blocks_.erase(b->ptr);
+      stats_.cached_bytes -= int64_t(b->size);
+      stats_.cached_blocks--;
+      out.push_back(b);
+    }
+    stats_.evictions += int64_t(out.size());
+    return out;
+  }
+
+  static void free_blocks(const std::vector<Block*>& blocks) {
+    for (Block* b : blocks) {
+      c10::free_cpu(b->ptr);
+      delete b;
+    }
+  }
+
   // torch's memory profiler sees a tensor's block allocated and freed, not the cache's keeping it
   static void report(void* ptr, int64_t delta, const Stats& now) {
     c10::reportMemoryUsageToProfiler(ptr, delta, size_t(now.live_bytes), size_t(now.live_bytes + now.cached_bytes),
                                      c10::Device(c10::DeviceType::CPU));
   }
 
-  // caller holds mu_; removes the least recently freed block from the cache and the table
-  Block* pop_oldest() {
-    Block* b = lru_.front();
-    auto range = by_size_.equal_range(b->size);
-    for (auto it = range.first; it != range.second; ++it) {
-      if (*it->second == b) {
-        by_size_.erase(it);
-        break;
-      }
-    }
-    lru_.pop_front();
-    blocks_.erase(b->ptr);
-    stats_.cached_bytes -= int64_t(b->size);
-    stats_.cached_blocks--;
-    return b;
-  }
-
-  void trim() {
-    std::list<Block*> evicted;
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      while (stats_.cached_bytes > int64_t(limit_)) evicted.push_back(pop_oldest());
-      stats_.evictions += int64_t(evicted.size());
-    }
-    for (Block* e : evicted) {
-      c10::free_cpu(e->ptr);
-      delete e;
-    }
-  }
-
+  c10::Allocator* fallback_;
   size_t threshold_, limit_;
+  std::mutex mu_;
   std::map<void*, Block*> blocks_;  // every block this allocator made that is not freed
   std::list<Block*> lru_;           // free blocks, least recently freed first
   std::multimap<size_t, std::list<Block*>::iterator> by_size_;
@@ -208,17 +199,23 @@ CachingCpuAllocator* g_alloc = nullptr;  // never destroyed (tensors may outlive
 void CachingCpuAllocator::release(void* ptr) { g_alloc->give_back(ptr); }
 
 void CachingCpuAllocator::raw_release(void* ptr) {
-  if (g_alloc->owns(ptr)) {
+  bool ours;
+  {
+    std::lock_guard<std::mutex> g(g_alloc->mu_);
+    ours = g_alloc->blocks_.count(ptr) != 0;
+  }
+  if (ours) {
     g_alloc->give_back(ptr);
   } else {
     g_alloc->fallback_->raw_deallocate(ptr);
   }
 }
 
-void before_fork() {
+void CachingCpuAllocator::before_fork() {
   if (g_alloc) g_alloc->mu_.lock();
 }
-void after_fork() {
+
+void CachingCpuAllocator::after_fork() {
   if (g_alloc) g_alloc->mu_.unlock();
 }
 
@@ -234,7 +231,7 @@ int mf_cache_install(int64_t threshold, int64_t limit) {
     return 0;
   }
   g_alloc = new CachingCpuAllocator(c10::GetCPUAllocator(), size_t(threshold), size_t(limit));
-  pthread_atfork(&before_fork, &after_fork, &after_fork);
+  pthread_atfork(&CachingCpuAllocator::before_fork, &CachingCpuAllocator::after_fork, &CachingCpuAllocator::after_fork);
   c10::SetCPUAllocator(g_alloc, /*priority=*/UINT8_MAX);
   return 1;
 }
@@ -247,7 +244,7 @@ void mf_cache_stats(int64_t* out) {
 }
 
 void mf_cache_empty() {
-  if (g_alloc) g_alloc->empty();
+  if (g_alloc) g_alloc->shrink_to(0);
 }
 
 void mf_cache_set_limit(int64_t limit) {
