@@ -20,11 +20,15 @@ needs_cxx = pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("c++")
                                reason="no C++ compiler: the caching allocator is skipped")
 
 
-def child(mode: str, **env: str) -> dict:
-    out = subprocess.run([sys.executable, str(CHILD), mode], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
+def python(args: list[str], **env: str) -> str:
+    """stdout of a fresh interpreter run with ``args`` and ``env`` added to ours (it must succeed)."""
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout
+
+
+def child(mode: str, **env: str) -> dict:
+    return json.loads(python([str(CHILD), mode], **env).strip().splitlines()[-1])
 
 
 @needs_cxx
@@ -55,10 +59,8 @@ def test_without_a_cxx_compiler_it_is_skipped_with_a_warning(tmp_path):
             "    ok = runtime.install_cpu_cache()\n"
             "x = torch.ones(64 << 20, dtype=torch.uint8); del x\n"
             "print(ok, runtime.cpu_cache_stats()['misses'], any('caching CPU allocator' in str(m.message) for m in w))")
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "MOEFORGE_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "0", "True"]
+    out = python(["-c", code], CXX=str(tmp_path / "no-such-compiler"), MOEFORGE_CACHE=str(tmp_path))
+    assert out.split() == ["False", "0", "True"]
 
 
 @pytest.mark.parametrize("switch, misses", [pytest.param({}, "1", marks=needs_cxx), ({"MOEFORGE_CPU_CACHE": "0"}, "0"),
@@ -66,10 +68,7 @@ def test_without_a_cxx_compiler_it_is_skipped_with_a_warning(tmp_path):
 def test_tune_allocator_installs_it_unless_switched_off(switch, misses):
     code = ("import torch\nfrom moeforge import runtime\nruntime.tune_allocator()\n"
             "x = torch.ones(64 << 20, dtype=torch.uint8); del x\nprint(runtime.cpu_cache_stats()['misses'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **switch})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == misses
+    assert python(["-c", code], **switch).split()[-1] == misses
 
 
 def test_default_limit_is_shared_by_local_ranks(monkeypatch):
