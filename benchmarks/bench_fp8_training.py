@@ -63,6 +63,7 @@ RUN_ROOT = ROOT / "runs" / "fp8_training"
 TARGET = 0.0025  # relative difference of the final losses (issue 4)
 CONTROL = "bf16_control"  # optional second BF16 run: the noise floor of the comparison
 LAST = 100  # steps averaged for "final loss"
+NARROW = "fp8norm"  # FP8 with fp8.cache_norm_inputs (norm inputs and MLA latents kept in E4M3 too)
 
 
 def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None,
@@ -77,7 +78,8 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
         split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2,
                  "train.eval_batches": 2 * load_config("tiny").train.eval_batches}
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
-        "fp8.enabled": precision == "fp8", "train.steps": steps, "train.micro_batch_size": micro_batch,
+        "fp8.enabled": precision.startswith("fp8"), "fp8.cache_norm_inputs": precision == NARROW,
+        "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
         "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,
         **({"train.seed": seed} if seed is not None else {})})
@@ -447,7 +449,8 @@ def _plot_final_gaps(ax, sides: dict, control, seeds: dict, controls: dict, main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--precision", choices=("bf16", "fp8"), help="train this side")
+    mode.add_argument("--precision", choices=("bf16", "fp8", NARROW),
+                      help=f"train this side ({NARROW}: FP8 with fp8.cache_norm_inputs, run {NARROW}[_seedN])")
     mode.add_argument("--compare", action="store_true", help="read both runs and write the results")
     ap.add_argument("--control", action="store_true",
                     help="train a second BF16 run (bf16_control) on the same batches split into 2 accumulated "

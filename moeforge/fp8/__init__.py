@@ -15,6 +15,17 @@ With ``fp8.cache_swiglu`` (default) the SwiGLU products of those MLPs and expert
 their two inputs for backward in E4M3 with 1x128 tiles (V3 TR section 3.3.2), via
 ``moeforge.model.recompute.swiglu``.
 
+``fp8.cache_norm_inputs`` (off by default) goes beyond V3, which keeps what feeds its
+norms in high precision: under the lean recomputation those norm inputs (the residual
+stream at every block's two norms, the final and MTP norms; MLA's two latents) are most of
+what an FP8 step still keeps in bf16, so they bound the FP8/BF16 activation ratio (0.74x
+on ``small``, 0.65x at V3's widths). With it, the residual-stream norms save their input in
+E4M3 and run backward on its dequantized value (the forward is unchanged, the norm's and
+its consumers' gradients approximate), and MLA rounds its latents to E4M3 where wq_a and
+wkv_a leave them, in forward too (as though those GEMMs wrote FP8; the rope key stays
+bf16), so that the up-projections' recomputation stays exact. The norms inside MLA are
+left alone: their inputs are those latents, whose forward already uses the rounded values.
+
 Parameters are shared, not copied, so optimizers and state dicts built before or after
 conversion are the same.
 """
@@ -62,4 +73,19 @@ def convert(model: nn.Module, cfg: Fp8Config) -> nn.Module:
             module.gemm = Fp8GroupedGemm(cfg)
         if hasattr(module, "swiglu_fp8") and cfg.cache_swiglu:  # dense MLPs, shared and routed experts
             module.swiglu_fp8 = cfg
+    if cfg.cache_norm_inputs:
+        _narrow_norm_inputs(model, cfg)
     return model
+
+
+def _narrow_norm_inputs(model: nn.Module, cfg: Fp8Config) -> None:
+    """``fp8.cache_norm_inputs``: residual-stream norms save E4M3 inputs, MLA rounds its latents."""
+    from moeforge.model.attention import MLA
+    from moeforge.model.layers import RMSNorm
+
+    latent_norms = {id(n) for m in model.modules() if isinstance(m, MLA) for n in m.modules() if isinstance(n, RMSNorm)}
+    for module in model.modules():
+        if isinstance(module, RMSNorm) and id(module) not in latent_norms:
+            module.input_fp8 = cfg
+        elif isinstance(module, MLA):
+            module.latent_fp8 = cfg

@@ -21,6 +21,9 @@ class Fp8Config:
     cpu_gemm_dtype: str = "bf16"  # dtype of the dequantized CPU GEMM: "bf16" (AMX) | "fp32"
     eps: float = 1e-12  # amax floor: s = max(amax, eps) / 448 (tiny: gradients are tiny)
     cache_swiglu: bool = True  # save the SwiGLU inputs for backward in E4M3 (1x128), as V3 does
+    # beyond V3 (off by default): save the inputs of the RMSNorms, i.e. the residual stream and
+    # the MLA latents, in E4M3 (1x128) too; see fp8/__init__.py for what that approximates
+    cache_norm_inputs: bool = False
 
     def validate(self) -> None:
         _require(self.block_size > 0, f"fp8.block_size must be > 0, got {self.block_size}")

@@ -77,6 +77,7 @@ class MLA(nn.Module):
         self.rotary = Rotary(cfg, self.rope)
         self.softmax_scale = qk**-0.5 * yarn_softmax_mscale(cfg)
         self.recompute_up_proj = True  # train.recompute_attention
+        self.latent_fp8 = None  # an Fp8Config: latents rounded to E4M3, saved so (fp8.cache_norm_inputs)
 
     def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
         return KVCache((batch, max_len, self.kv_lora_rank), (batch, max_len, self.rope), dtype=dtype, device=device)
@@ -122,12 +123,16 @@ class MLA(nn.Module):
         b, s, _ = x.shape
         q_src = x if self.q_lora_rank == 0 else self.wq_a(x)
         kv_src = self.wkv_a(x)
+        stored = None
+        if self.latent_fp8 is not None and recompute.is_plain(q_src, kv_src):  # every path: one function
+            q_src, kv_src, stored = recompute.rounded_latents(q_src, kv_src, self.kv_lora_rank,
+                                                              self.q_lora_rank > 0, self.latent_fp8)
         if cache is None:
             if self._recompute_ok(q_src, kv_src):
                 q_mods = (self.wq,) if self.q_lora_rank == 0 else (self.q_norm, self.wq_b)
                 params = [p for m in (*q_mods, self.kv_norm, self.wkv_b) for p in m.parameters() if p.requires_grad]
                 o = recompute.recomputed_attention(partial(self._qkv, start_pos=start_pos), q_src, kv_src, params,
-                                                   self.softmax_scale, self.vdim)
+                                                   self.softmax_scale, self.vdim, stored)
             else:
                 q, k, v = self._qkv(q_src, kv_src, start_pos)
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)

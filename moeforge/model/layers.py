@@ -49,10 +49,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.input_fp8 = None  # an Fp8Config: save x for backward in E4M3 (fp8.cache_norm_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if recompute.is_plain(x, self.weight):
-            return recompute.rms_norm(x, self.weight, self.eps)
+            return recompute.rms_norm(x, self.weight, self.eps, self.input_fp8)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)

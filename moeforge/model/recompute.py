@@ -69,18 +69,21 @@ def rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, kept: tuple[torch.Tensor, ...],
+                restore) -> torch.Tensor:
         y, rstd = rms_forward(x, weight, eps)
-        ctx.save_for_backward(x, rstd, weight)
+        ctx.save_for_backward(*kept, rstd, weight)  # x, or its E4M3 copy and scales
+        ctx.restore = restore  # kept -> (x,)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         getattr(ctx, "cell", []).clear()  # consumers' rebuilt output: all of them are done
-        x, rstd, weight = ctx.saved_tensors
+        *kept, rstd, weight = ctx.saved_tensors
+        (x,) = ctx.restore(*kept)
         done = norm_kernel.backward(x, weight, dy, rstd, ctx.needs_input_grad[1])
         if done is not None:
-            return done[0], done[1], None
+            return done[0], done[1], None, None, None
         x32, w32, g = x.float(), weight.float(), dy.float()
         y = x32 * rstd  # recomputed exactly as in forward
         dw = None
@@ -92,7 +95,7 @@ class _RMSNormFn(torch.autograd.Function):
         dr = (gy * x32).sum(-1, keepdim=True)
         dm = -0.5 * dr * rstd.pow(3)
         dx = dx + (dm / x32.shape[-1]).expand_as(x32) * (2 * x32)
-        return dx.to(x.dtype), dw, None
+        return dx.to(x.dtype), dw, None, None, None
 
 
 # Outputs a later consumer may rebuild in backward instead of saving: output -> (its
@@ -111,15 +114,23 @@ def _register(out: torch.Tensor, tensors: tuple[torch.Tensor, ...], make: Callab
         out.grad_fn.cell = cell
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight`` computed in FP32, returned in x's dtype; saves x and rstd."""
-    y = _RMSNormFn.apply(x, weight, eps)
-    _register(y, (x, weight), partial(_norm_output, eps=eps))
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8=None) -> torch.Tensor:
+    """``x / rms(x) * weight`` computed in FP32, returned in x's dtype; saves x and rstd.
+
+    With ``fp8`` (an ``Fp8Config``; ``fp8.convert`` sets it under ``fp8.cache_norm_inputs``)
+    x is saved as E4M3 with 1x128 scales instead, and the norm's backward and its
+    consumers' rebuilt outputs run on that copy's dequantized value with the forward's
+    exact rstd: the forward is unchanged, the gradients are approximate (beyond V3's
+    recipe, which keeps the residual stream at the norms in high precision)."""
+    kept, restore = _narrowed(fp8, x)
+    y = _RMSNormFn.apply(x, weight, eps, kept, restore)
+    _register(y, (*kept, weight), partial(_norm_output, eps=eps, restore=restore))
     return y
 
 
-def _norm_output(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_forward(x, weight, eps)[0]
+def _norm_output(*tensors: torch.Tensor, eps: float, restore) -> torch.Tensor:
+    *kept, weight = tensors
+    return rms_forward(*restore(*kept), weight, eps)[0]
 
 
 # Outputs a Function here saves exactly as it returns them (the attention output): a
@@ -189,34 +200,40 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
     down projection's Wgrad 1.2x the error of its E4M3 copy of the real output, and the
     2,000-step tiny FP8-vs-BF16 gap went from 0.25% to 0.68% (session 9, same seed); the
     copy costs 1 byte per element (7 MB of a small step)."""
-    if fp8 is None:
-        kept, inputs = (a, b), _as_is
-    else:
-        from moeforge.fp8.quant import quantize
-
-        blk = (1, fp8.block_size)
-        with torch.no_grad():
-            qa, qb = (quantize(t, blk, eps=fp8.eps, power_of_2=fp8.power_of_2_scales) for t in (a, b))
-        kept, inputs = (qa.data, qa.scale, qb.data, qb.scale), partial(_dequantized, block=blk, dtype=a.dtype)
+    kept, inputs = _narrowed(fp8, a, b)
     h = _SwiGLUFn.apply(a, b, kept, inputs)
     if fp8 is None:
         _register(h, kept, _swiglu_output)
     return h
 
 
-def _as_is(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return a, b
+def _as_is(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return ts
 
 
 def _swiglu_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
-def _dequantized(ad, asc, bd, bsc, block, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """a and b from their E4M3 copies (V3's cached SwiGLU inputs)."""
+def _narrowed(fp8, *ts: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable[..., tuple[torch.Tensor, ...]]]:
+    """(what to save for ``ts``, a function of it giving ``ts`` back): the tensors as they
+    are without ``fp8``; with it, their E4M3 copies and 1x128 scales, given back
+    dequantized (the values backward then runs on: an approximation, part of the recipe)."""
+    if fp8 is None:
+        return ts, _as_is
+    from moeforge.fp8.quant import quantize
+
+    blk = (1, fp8.block_size)
+    with torch.no_grad():
+        qs = [quantize(t, blk, eps=fp8.eps, power_of_2=fp8.power_of_2_scales) for t in ts]
+    return tuple(x for q in qs for x in (q.data, q.scale)), partial(_dequantized, block=blk, dtype=ts[0].dtype)
+
+
+def _dequantized(*pairs: torch.Tensor, block, dtype) -> tuple[torch.Tensor, ...]:
+    """Tensors from their (E4M3 copy, scales) pairs."""
     from moeforge.fp8.quant import Fp8Tensor, dequantize
 
-    return tuple(dequantize(Fp8Tensor(d, sc, block), dtype) for d, sc in ((ad, asc), (bd, bsc)))
+    return tuple(dequantize(Fp8Tensor(d, sc, block), dtype) for d, sc in zip(pairs[::2], pairs[1::2]))
 
 
 # ----------------------------------------------------------------------------- MoE router and combine
@@ -312,21 +329,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- attention
 class _RecomputedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, project, scale: float, vdim: int, q_src: torch.Tensor, kv_src: torch.Tensor, *params):
+    def forward(ctx, project, scale: float, vdim: int, stored, q_src: torch.Tensor, kv_src: torch.Tensor, *params):
         with torch.no_grad():
             q, k, v = project(q_src, kv_src)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)
         o = out[..., :vdim].transpose(1, 2).contiguous()  # [B, S, H, vdim]: the output projection's input
         # The C backward needs no output (attention_kernel.backward); the flash one does
         ctx.keeps_output = not attention_kernel.handles(q, k, v)
-        ctx.save_for_backward(q_src, kv_src, o if ctx.keeps_output else None, lse)
+        kept, ctx.restore = stored or ((q_src, kv_src), _as_is)
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(*kept, o if ctx.keeps_output else None, lse)
         ctx.project, ctx.scale, ctx.params, ctx.padded, ctx.vdim = project, scale, params, out.shape[-1], vdim
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
-        q_src, kv_src, o, lse = ctx.saved_tensors
-        srcs = [t.detach().requires_grad_(need) for t, need in zip((q_src, kv_src), ctx.needs_input_grad[3:5])]
+        *kept, o, lse = ctx.saved_tensors
+        srcs = [t.detach().requires_grad_(need) for t, need in zip(ctx.restore(*kept), ctx.needs_input_grad[4:6])]
         with torch.enable_grad():
             q, k, v = ctx.project(*srcs)  # the up-projections again, bit for bit
         o_t = None if o is None else o.transpose(1, 2)
@@ -344,22 +363,66 @@ class _RecomputedAttentionFn(torch.autograd.Function):
         wrt = [t for t in (*srcs, *ctx.params) if t.requires_grad]
         got = iter(torch.autograd.grad((q, k, v), wrt, (dq, dk, dv), allow_unused=True))
         grads = [next(got) if t.requires_grad else None for t in (*srcs, *ctx.params)]
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def recomputed_attention(project, q_src: torch.Tensor, kv_src: torch.Tensor, params: list[torch.Tensor],
-                         scale: float, vdim: int) -> torch.Tensor:
+                         scale: float, vdim: int, stored=None) -> torch.Tensor:
     """Causal attention over ``q, k, v = project(q_src, kv_src)`` ([B, H, S, D] each, V
     zero-padded to D) that saves only the small inputs, the output ``[B, S, H, vdim]``
     and the log-sum-exp, and runs ``project`` again in backward: DeepSeek-V3's
     recomputation of the MLA up-projections (TR section 3.2.3). ``params`` are the
-    parameters ``project`` uses. CPU only (it calls the CPU flash-attention kernels that
+    parameters ``project`` uses. ``stored`` (from :func:`rounded_latents`): save these
+    tensors instead of the two inputs, and a function of them giving the inputs back, the
+    same bits. CPU only (it calls the CPU flash-attention kernels that
     ``scaled_dot_product_attention`` dispatches to); gradients are bit-identical to
     autograd through the same code."""
-    o = _RecomputedAttentionFn.apply(project, scale, vdim, q_src, kv_src, *params)
+    o = _RecomputedAttentionFn.apply(project, scale, vdim, stored, q_src, kv_src, *params)
     if o.requires_grad and not torch.compiler.is_compiling() and o.grad_fn.keeps_output:
         _KEPT[o] = o._version  # saved as it is: the output projection need not keep a copy
     return o
+
+
+class _RoundedFn(torch.autograd.Function):
+    """x -> (its E4M3 rounding with 1x128 scales, dequantized; the codes; the scales);
+    the gradient passes straight through the rounding."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fp8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kept, restore = _narrowed(fp8, x)
+        ctx.mark_non_differentiable(*kept)
+        return (*restore(*kept), *kept)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, *_):
+        return g, None
+
+
+def rounded_latents(q_src: torch.Tensor, kv_src: torch.Tensor, kv_rank: int, round_q: bool, fp8):
+    """MLA's latents as though wq_a and wkv_a wrote E4M3 (1x128 tiles; of the KV latent only
+    the first ``kv_rank`` columns, the rope key stays as it is; ``q_src`` only when
+    ``round_q``, i.e. when it is a query latent and not x itself) -> (q_src, kv_src,
+    stored): the rounded values, which the forward then uses, and what
+    :func:`recomputed_attention` saves instead of them: the codes, the scales and the rope
+    key (copied out of wkv_a's output, so that the output can be freed). Backward,
+    rebuilt from exactly those values, is exact for the forward computed; the gradient
+    passes the rounding straight through."""
+    kv, k_pe = kv_src.split([kv_rank, kv_src.shape[-1] - kv_rank], dim=-1)
+    kv, *kv_kept = _RoundedFn.apply(kv, fp8)
+    k_pe = k_pe.contiguous()
+    q_kept = [q_src]
+    if round_q:
+        q_src, *q_kept = _RoundedFn.apply(q_src, fp8)
+    back = partial(_latents_back, block=fp8.block_size)
+    return q_src, torch.cat([kv, k_pe], dim=-1), ((*kv_kept, k_pe, *q_kept), back)
+
+
+def _latents_back(*kept: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_src, kv_src) from what :func:`rounded_latents` stored, the same bits."""
+    kv_d, kv_s, k_pe, *q_kept = kept
+    (kv,) = _dequantized(kv_d, kv_s, block=(1, block), dtype=k_pe.dtype)
+    q_src = q_kept[0] if len(q_kept) == 1 else _dequantized(*q_kept, block=(1, block), dtype=k_pe.dtype)[0]
+    return q_src, torch.cat([kv, k_pe], dim=-1)
 
 
 def is_plain(*ts: torch.Tensor) -> bool:
