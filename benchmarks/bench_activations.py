@@ -44,9 +44,16 @@ def _ctx_held(loss: torch.Tensor) -> dict[int, int]:
     return held
 
 
-def breakdown(preset: str, fp8: bool, micro_batch: int) -> tuple[dict[str, float], float]:
-    """MB kept for backward per module class (plus the ctx-held row) and the total."""
-    cfg = load_config(preset, {"fp8.enabled": fp8, "train.micro_batch_size": micro_batch})
+# The precisions compared, as config overrides: BF16, FP8 as V3 keeps activations, and FP8
+# with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents in E4M3 too,
+# beyond V3: what is left of BF16 under V3's recipe)
+VARIANTS = {"bf16 MB": {"fp8.enabled": False}, "fp8 MB": {"fp8.enabled": True},
+            "fp8 + norm inputs MB": {"fp8.enabled": True, "fp8.cache_norm_inputs": True}}
+
+
+def breakdown(preset: str, over: dict, micro_batch: int) -> tuple[dict[str, float], float, dict[str, float]]:
+    """MB kept for backward per module class (plus the ctx-held row), the total, MB by dtype."""
+    cfg = load_config(preset, {**over, "train.micro_batch_size": micro_batch})
     model = build_model(cfg, torch.device("cpu"))
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
@@ -93,9 +100,9 @@ V3_LAYER = {"model.n_layers": 1, "model.n_dense_layers": 0, "model.mtp_depth": 0
             "parallel.pp_schedule": "1f1b", "parallel.pp_microbatches": 1}
 
 
-def v3_layer_bytes(fp8: bool) -> tuple[float, dict[str, float]]:
+def v3_layer_bytes(over: dict) -> tuple[float, dict[str, float]]:
     """Bytes per token kept for backward inside the one block of :data:`V3_LAYER`, by dtype."""
-    cfg = load_config("deepseek-v3-671b", {**V3_LAYER, "fp8.enabled": fp8, "train.micro_batch_size": 1})
+    cfg = load_config("deepseek-v3-671b", {**V3_LAYER, **over, "train.micro_batch_size": 1})
     model = build_model(cfg, torch.device("cpu"))
     tokens = torch.randint(0, cfg.model.vocab_size, (1, 257), generator=torch.Generator().manual_seed(0))
     block, depth = model.layers[0], [0]
@@ -129,30 +136,37 @@ def main() -> None:
     if args.quick:
         args.presets, args.no_v3_layer = ["tiny"], True
     rows, summary = [], {}
+    names = list(VARIANTS)
+    v3 = "V3 widths, one MoE block"
+
+    def add(preset: str, where: str, values: list[float], scale: float = 1.0) -> None:
+        rows.append({"preset": preset, "saved by": where, **{n: round(v / scale, 2) for n, v in zip(names, values)}})
+
     if not args.no_v3_layer:
-        (t16, d16), (t8, d8) = v3_layer_bytes(False), v3_layer_bytes(True)
-        for dtype in sorted(set(d16) | set(d8), key=lambda k: -(d16.get(k, 0) + d8.get(k, 0))):
-            rows.append({"preset": "V3 widths, one MoE block", "saved by": f"(all saved {dtype} tensors, KB/token)",
-                         "bf16 MB": round(d16.get(dtype, 0.0) / 1024, 2), "fp8 MB": round(d8.get(dtype, 0.0) / 1024, 2)})
-        rows.append({"preset": "V3 widths, one MoE block", "saved by": "total, KB per token",
-                     "bf16 MB": round(t16 / 1024, 1), "fp8 MB": round(t8 / 1024, 1)})
-        summary["V3 widths, one MoE block fp8/bf16"] = t8 / t16
-        print(f"V3 widths, one MoE block: bf16 {t16 / 1024:.1f} KB/token, fp8 {t8 / 1024:.1f}, ratio {t8 / t16:.3f}",
-              flush=True)
+        got = [v3_layer_bytes(over) for over in VARIANTS.values()]
+        dts = [d for _, d in got]
+        for dtype in sorted(set().union(*dts), key=lambda k: -sum(d.get(k, 0) for d in dts)):
+            add(v3, f"(all saved {dtype} tensors, KB/token)", [d.get(dtype, 0.0) for d in dts], 1024)
+        add(v3, "total, KB per token", [t for t, _ in got], 1024)
+        (t16, _), (t8, _), (tn, _) = got
+        summary[f"{v3} fp8/bf16"], summary[f"{v3} fp8 + norm inputs/bf16"] = t8 / t16, tn / t16
+        print(f"{v3}: bf16 {t16 / 1024:.1f} KB/token, fp8 {t8 / 1024:.1f} ({t8 / t16:.3f}), "
+              f"fp8 + norm inputs {tn / 1024:.1f} ({tn / t16:.3f})", flush=True)
     for preset in args.presets:
         mb = 16 if preset == "tiny" else 8
-        (b16, t16, d16), (b8, t8, d8) = breakdown(preset, False, mb), breakdown(preset, True, mb)
-        for where in sorted(set(b16) | set(b8), key=lambda k: -(b16.get(k, 0) + b8.get(k, 0))):
-            rows.append({"preset": preset, "saved by": where, "bf16 MB": round(b16.get(where, 0.0), 2),
-                         "fp8 MB": round(b8.get(where, 0.0), 2)})
-        for dtype in sorted(set(d16) | set(d8), key=lambda k: -(d16.get(k, 0) + d8.get(k, 0))):
-            rows.append({"preset": preset, "saved by": f"(all saved {dtype} tensors)",
-                         "bf16 MB": round(d16.get(dtype, 0.0), 2), "fp8 MB": round(d8.get(dtype, 0.0), 2)})
-        rows.append({"preset": preset, "saved by": "total", "bf16 MB": round(t16, 1), "fp8 MB": round(t8, 1)})
+        got = [breakdown(preset, over, mb) for over in VARIANTS.values()]
+        bys, dts = [b for b, _, _ in got], [d for _, _, d in got]
+        for where in sorted(set().union(*bys), key=lambda k: -sum(b.get(k, 0) for b in bys)):
+            add(preset, where, [b.get(where, 0.0) for b in bys])
+        for dtype in sorted(set().union(*dts), key=lambda k: -sum(d.get(k, 0) for d in dts)):
+            add(preset, f"(all saved {dtype} tensors)", [d.get(dtype, 0.0) for d in dts])
+        add(preset, "total", [t for _, t, _ in got])
+        (t16, t8, tn), (s16, s8, sn) = ([t for _, t, _ in got], [sum(d.values()) for d in dts])
         summary[f"{preset} fp8/bf16"] = t8 / t16
-        saved16, saved8 = sum(d16.values()), sum(d8.values())
-        summary[f"{preset} fp8/bf16, saved tensors only (no held gradients)"] = saved8 / saved16
-        print(f"{preset}: bf16 {t16:.1f} MB, fp8 {t8:.1f} MB, ratio {t8 / t16:.3f}", flush=True)
+        summary[f"{preset} fp8/bf16, saved tensors only (no held gradients)"] = s8 / s16
+        summary[f"{preset} fp8 + norm inputs/bf16, saved tensors only"] = sn / s16
+        print(f"{preset}: bf16 {t16:.1f} MB, fp8 {t8:.1f} MB ({t8 / t16:.3f}), fp8 + norm inputs {tn:.1f} MB "
+              f"({tn / t16:.3f}); saved tensors only {s8 / s16:.3f} / {sn / s16:.3f}", flush=True)
     write_results("activations", "Activation memory of one training step, by the module that keeps it", rows,
                   summary=summary, notes=[
                       "One forward of the trainer's loss path per preset and precision (tiny: 16x128 tokens, small: "
@@ -165,10 +179,15 @@ def main() -> None:
                       "from the FFN norm's output, which is rebuilt), MLP its SwiGLU inputs (in bf16 the down "
                       "projection rebuilds the SwiGLU output from them; under FP8 it keeps its E4M3 copy), MoE the router's scores and dispatch "
                       "indices. Norm outputs (and bf16 SwiGLU outputs) are kept by nobody: their consumers "
-                      "rebuild them.",
+                      "rebuild them (MTP's projection too, which reads two norm outputs side by side: since "
+                      "session 14; 4 MB of a small step before).",
                       "The '(all saved ... tensors)' rows split the same saved bytes by dtype: under FP8 the "
                       "bf16 that remains is what V3 also keeps in high precision (the residual stream at the "
-                      "norms, the MLA latents, the MTP projection's input).",
+                      "norms, the MLA latents).",
+                      "'fp8 + norm inputs': FP8 with fp8.cache_norm_inputs (off by default; beyond V3): the "
+                      "norms on the residual stream save their input in E4M3 with 1x128 scales and run backward "
+                      "on its dequantized value, and MLA rounds its two latents to E4M3 in forward and keeps "
+                      "them so (the rope key stays bf16). What stays bf16 then: the rope key and router state.",
                       "The head-loss row is memory the fused loss holds between forward and backward (its "
                       "precomputed gradients), which saved-tensor counts elsewhere in these benchmarks miss.",
                       "'V3 widths, one MoE block' (its rows in KB per token, not MB): the tensors saved inside one "

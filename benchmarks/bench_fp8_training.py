@@ -219,6 +219,7 @@ def compare(stem: str = "fp8_training") -> int:
             sides_c = {"bf16": sides["bf16"], CONTROL: control}
             control_notes.append(f"{CONTROL} (seed {tc['seed']}) vs bf16 by 250-step window: " + ", ".join(
                 f"{k} {v:+.2%}" for k, v in _window_differences(sides_c, 250, CONTROL).items()) + ".")
+    narrow_notes = _narrow_runs(seed_pairs, controls, rows, summary)
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
@@ -230,6 +231,7 @@ def compare(stem: str = "fp8_training") -> int:
              "Relative difference of the mean training loss by 250-step window (same steps, same data): "
              + ", ".join(f"{k} {v:+.2%}" for k, v in windows.items()) + ".",
              *control_notes,
+             *narrow_notes,
              *seed_notes,
              *[f"The {p} run was interrupted and resumed from its checkpoint at step {step} (the trainer resumes "
                "bit for bit)." for p, step in _resumes().items()],
@@ -241,6 +243,33 @@ def compare(stem: str = "fp8_training") -> int:
          int(tc["seed"]))
     print(f"[fp8_training] final loss bf16 {final['bf16']:.5f}, fp8 {final['fp8']:.5f}, relative difference {rel:.4%}")
     return 0
+
+
+def _narrow_runs(seed_pairs: dict, controls: dict, rows: list, summary: dict) -> list[str]:
+    """Rows and a note for the finished ``fp8norm`` runs (FP8 with fp8.cache_norm_inputs):
+    their final loss against BF16, plain FP8 and the BF16 control of the same seed."""
+    got = {}
+    for seed in seed_pairs:
+        name = seed_name(seed, NARROW)
+        if (RUN_ROOT / name / "metrics.jsonl").is_file():
+            c = curve(name)
+            if c[0] and c[0][-1] == seed_pairs[seed][0][0][-1]:
+                got[seed] = c
+    if not got:
+        return []
+    for seed, c in got.items():
+        rows.append({"precision": f"{NARROW} seed {seed}", "steps": c[0][-1], "first loss": c[1][0],
+                     f"final loss (mean last {LAST})": _final(c),
+                     f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
+                     "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
+                     "elapsed s": c[3].get("elapsed_s")})
+    vs = {k: {"bf16": _final(c) / _final(seed_pairs[k][0]) - 1, "fp8": _final(c) / _final(seed_pairs[k][1]) - 1,
+              **({"control": _final(c) / _final(controls[k]) - 1} if k in controls else {})} for k, c in got.items()}
+    summary[f"{NARROW}_by_seed"] = {str(k): v for k, v in vs.items()}
+    return [f"{NARROW}: FP8 with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents kept "
+            "in E4M3 too, beyond V3), same seed and data; its final loss against the other runs of its seed: "
+            + "; ".join(f"seed {k} " + ", ".join(f"vs {n} {v:+.3%}" for n, v in d.items()) for k, d in vs.items())
+            + "."]
 
 
 def _final(c) -> float:

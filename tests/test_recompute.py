@@ -219,6 +219,34 @@ def test_dense_linear_keeps_master_weight_and_rebuilds_norm_output(fp8):
     assert {t.data_ptr() for t in kept} == {t.data_ptr() for t in norm_inputs}, [(t.dtype, t.shape) for t in kept]
 
 
+def test_linear_over_concatenated_norm_outputs_keeps_only_the_norm_inputs():
+    """MTP's projection reads two norm outputs side by side (``cat_outputs``): the same
+    output and gradients, bit for bit, as over a plain ``torch.cat``, while the projection
+    keeps nothing but the two norms' inputs, which the norms keep anyway."""
+    from moeforge.model.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(2 * 96, 64)
+    a0, b0 = torch.randn(3, 40, 96).bfloat16(), (torch.randn(3, 40, 96) * 5).bfloat16()
+    wa, wb = torch.nn.Parameter(torch.rand(96) + 0.5), torch.nn.Parameter(torch.rand(96) + 0.5)
+
+    def run(lean: bool):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        lin.zero_grad()
+        saved = []
+        ya, yb = recompute.rms_norm(a, wa, 1e-6), recompute.rms_norm(b, wb, 1e-6)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = lin(recompute.cat_outputs(ya, yb) if lean else torch.cat([ya, yb], -1))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
+        kept = {t.data_ptr() for t in saved if not isinstance(t, torch.nn.Parameter)}
+        return [out, a.grad, b.grad, lin.weight.grad.clone()], kept, {a.data_ptr(), b.data_ptr()}
+
+    plain, plain_kept, _ = run(False)
+    lean, kept, norm_inputs = run(True)
+    assert all(torch.equal(p, q) for p, q in zip(plain, lean))
+    assert kept == norm_inputs and plain_kept.isdisjoint(norm_inputs)
+
+
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_down_projection_rebuilds_the_swiglu_output(fp8, monkeypatch):
     """bf16: an MLP's down projection keeps no copy of the SwiGLU output, it rebuilds it

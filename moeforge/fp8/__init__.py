@@ -25,6 +25,8 @@ its consumers' gradients approximate), and MLA rounds its latents to E4M3 where 
 wkv_a leave them, in forward too (as though those GEMMs wrote FP8; the rope key stays
 bf16), so that the up-projections' recomputation stays exact. The norms inside MLA are
 left alone: their inputs are those latents, whose forward already uses the rounded values.
+Plain tensors only: under tensor parallelism (DTensors) norms and MLA keep the ordinary
+graph, and the switch changes nothing there.
 
 Parameters are shared, not copied, so optimizers and state dicts built before or after
 conversion are the same.

@@ -28,7 +28,12 @@ Choices:
   SwiGLU's inputs); backward runs the producer's forward again, bit for bit. For bf16
   dense and shared MLPs that drops the down projection's copy of the SwiGLU output (1 MB
   per shared expert and 3 MB per dense layer on the small preset); under FP8 the down
-  projection keeps its E4M3 copy (see :func:`swiglu`).
+  projection keeps its E4M3 copy (see :func:`swiglu`). :func:`cat_outputs` makes two
+  such outputs side by side (MTP's projection input) rebuildable too.
+- Beyond V3, under ``fp8.cache_norm_inputs`` (off by default): :func:`rms_norm` saves its
+  input in E4M3 (backward and the rebuilds run on the dequantized value: approximate),
+  and :func:`rounded_latents` rounds MLA's latents to E4M3 in forward, so that
+  :func:`recomputed_attention` can keep them in 8 bits and still rebuild q, k, v exactly.
 - :func:`recomputed_attention` keeps the two latents the up-projections start from and
   the log-sum-exp; q, k, v are rebuilt in backward. The attention output is kept only
   for the flash backward (in the output projection's layout, so a bf16 output projection
@@ -131,6 +136,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fp8=None) -> tor
 def _norm_output(*tensors: torch.Tensor, eps: float, restore) -> torch.Tensor:
     *kept, weight = tensors
     return rms_forward(*restore(*kept), weight, eps)[0]
+
+
+class _CatFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *ts: torch.Tensor) -> torch.Tensor:
+        ctx.sizes = [t.shape[-1] for t in ts]
+        return torch.cat(ts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        getattr(ctx, "cell", []).clear()  # the consumer's rebuilt output: it is done
+        return g.split(ctx.sizes, dim=-1)
+
+
+def cat_outputs(*ts: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(ts, -1)``; when every t is a rebuildable output (:func:`source`), so is
+    the result: its consumer keeps what their producers keep anyway and rebuilds the
+    concatenation in backward, bit for bit. (MTP's projection reads two norm outputs side
+    by side: 4 MB of a small step that no one else needs.)"""
+    srcs = [source(t) for t in ts]
+    if any(s is None for s in srcs):
+        return torch.cat(ts, dim=-1)
+    out = _CatFn.apply(*ts)
+    _register(out, tuple(x for s in srcs for x in s[0]), partial(_cat_rebuilt, parts=[(len(s[0]), s[1]) for s in srcs]))
+    return out
+
+
+def _cat_rebuilt(*tensors: torch.Tensor, parts) -> torch.Tensor:
+    out, i = [], 0
+    for n, rebuild in parts:
+        out.append(rebuild(*tensors[i:i + n]))
+        i += n
+    return torch.cat(out, dim=-1)
 
 
 # Outputs a Function here saves exactly as it returns them (the attention output): a

@@ -29,6 +29,7 @@ from torch import nn
 from moeforge.config import ModelConfig
 from moeforge.model.attention import KVCache, build_attention
 from moeforge.model.head_loss import head_cross_entropy
+from moeforge.model import recompute
 from moeforge.model.layers import MLP, Linear, RMSNorm
 from moeforge.model.moe import MoE, GroupedExperts, Gate
 
@@ -56,7 +57,7 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.block(self.proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)))
+        return self.block(self.proj(recompute.cat_outputs(self.enorm(emb), self.hnorm(h))))
 
 
 @dataclass
