@@ -39,6 +39,10 @@ Choices:
   accumulated half micro-batches: mathematically the same gradient, only the summation
   order differs. Its distance from the first BF16 run is the comparison's noise floor
   (session 12: 0.23% and 0.60% on two seeds, as large as FP8's gaps on them).
+- ``--precision fp8norm [--seed N]`` trains FP8 with ``fp8.cache_norm_inputs`` (the
+  residual stream at the norms and MLA's latents kept in E4M3 too, beyond V3) as run
+  ``fp8norm[_seedN]``; ``--compare`` reports it against the BF16, FP8 and control runs of
+  its seed (``--all`` does not train it).
 - ``--compare`` reads both metrics.jsonl files and writes
   ``benchmarks/results/fp8_training.{json,md,png}`` (the report picks up ``fp8*.json`` and
   the PNG with the same stem). The training-loss curves are drawn raw and as a 50-step

@@ -115,8 +115,10 @@ def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp
     out.mkdir()
     early = [9.0] * 50  # steps 1-50: outside the final window, must not count
     for name, seed, final in [("bf16", 1234, 2.0), ("fp8", 1234, 2.01), ("bf16_control", 1234, 1.99),
-                              ("bf16_seed2", 2, 3.0), ("fp8_seed2", 2, 3.03), ("bf16_control_seed2", 2, 3.06)]:
+                              ("bf16_seed2", 2, 3.0), ("fp8_seed2", 2, 3.03), ("bf16_control_seed2", 2, 3.06),
+                              ("fp8norm_seed2", 2, 3.09)]:
         _fake_run(runs, name, early + [final] * 100, seed)
+    _fake_run(runs, "fp8norm", early + [2.0] * 99, 1234)  # unfinished (one step short): left out
     assert mod.compare("fp8_demo") == 0
     s = json.loads((out / "fp8_demo.json").read_text())["summary"]
     assert s["relative_difference"] == pytest.approx(0.005)
@@ -124,6 +126,8 @@ def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp
     assert s["control_relative_difference_by_seed"] == pytest.approx({"1234": -0.005, "2": 0.02})
     assert s["control_relative_difference_bf16_vs_bf16"] == pytest.approx(0.005)
     assert s["fp8_vs_control_by_seed"] == pytest.approx({"1234": 2.01 / 1.99 - 1, "2": 3.03 / 3.06 - 1})
+    assert list(s["fp8norm_by_seed"]) == ["2"]
+    assert s["fp8norm_by_seed"]["2"] == pytest.approx({"bf16": 0.03, "fp8": 3.09 / 3.03 - 1, "control": 3.09 / 3.06 - 1})
     assert not s["passed"]  # 150 steps, not 2,000
     assert (out / "fp8_demo.png").is_file() and "bf16 control seed 2" in (out / "fp8_demo.md").read_text()
 
