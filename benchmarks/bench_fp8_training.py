@@ -39,10 +39,9 @@ Choices:
   accumulated half micro-batches: mathematically the same gradient, only the summation
   order differs. Its distance from the first BF16 run is the comparison's noise floor
   (session 12: 0.23% and 0.60% on two seeds, as large as FP8's gaps on them).
-- ``--precision fp8norm [--seed N]`` trains FP8 with ``fp8.cache_norm_inputs`` (the
-  residual stream at the norms and MLA's latents kept in E4M3 too, beyond V3) as run
-  ``fp8norm[_seedN]``; ``--compare`` reports it against the BF16, FP8 and control runs of
-  its seed (``--all`` does not train it).
+- ``--precision fp8norm|fp8lean [--seed N]`` trains FP8 with its opt-in storage switches
+  (:data:`LEAN`) as run ``{variant}[_seedN]``; ``--compare`` reports each against the
+  BF16, FP8 and control runs of its seed (``--all`` does not train them).
 - ``--compare`` reads both metrics.jsonl files and writes
   ``benchmarks/results/fp8_training.{json,md,png}`` (the report picks up ``fp8*.json`` and
   the PNG with the same stem). The training-loss curves are drawn raw and as a 50-step
@@ -67,7 +66,13 @@ RUN_ROOT = ROOT / "runs" / "fp8_training"
 TARGET = 0.0025  # relative difference of the final losses (issue 4)
 CONTROL = "bf16_control"  # optional second BF16 run: the noise floor of the comparison
 LAST = 100  # steps averaged for "final loss"
-NARROW = "fp8norm"  # FP8 with fp8.cache_norm_inputs (norm inputs and MLA latents kept in E4M3 too)
+# FP8 with its opt-in storage switches: name -> (overrides, what it is)
+LEAN = {"fp8norm": ({"fp8.cache_norm_inputs": True},
+                    "FP8 with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents kept in "
+                    "E4M3 too, beyond V3)"),
+        "fp8lean": ({"fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True},
+                    "FP8 with fp8.cache_norm_inputs and fp8.recompute_swiglu_output (also the dense and shared "
+                    "MLPs' SwiGLU output rebuilt from its E4M3 inputs, as V3 does)")}
 
 
 def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, name: str | None = None,
@@ -82,7 +87,7 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
         split = {"train.micro_batch_size": micro_batch // 2, "train.grad_accum": 2,
                  "train.eval_batches": 2 * load_config("tiny").train.eval_batches}
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
-        "fp8.enabled": precision.startswith("fp8"), "fp8.cache_norm_inputs": precision == NARROW,
+        "fp8.enabled": precision.startswith("fp8"), **LEAN.get(precision, ({}, ""))[0],
         "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
         "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,
@@ -223,7 +228,7 @@ def compare(stem: str = "fp8_training") -> int:
             sides_c = {"bf16": sides["bf16"], CONTROL: control}
             control_notes.append(f"{CONTROL} (seed {tc['seed']}) vs bf16 by 250-step window: " + ", ".join(
                 f"{k} {v:+.2%}" for k, v in _window_differences(sides_c, 250, CONTROL).items()) + ".")
-    narrow_notes = _narrow_runs(seed_pairs, controls, rows, summary)
+    lean_notes = _lean_runs(seed_pairs, controls, rows, summary)
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
@@ -235,7 +240,7 @@ def compare(stem: str = "fp8_training") -> int:
              "Relative difference of the mean training loss by 250-step window (same steps, same data): "
              + ", ".join(f"{k} {v:+.2%}" for k, v in windows.items()) + ".",
              *control_notes,
-             *narrow_notes,
+             *lean_notes,
              *seed_notes,
              *[f"The {p} run was interrupted and resumed from its checkpoint at step {step} (the trainer resumes "
                "bit for bit)." for p, step in _resumes().items()],
@@ -249,31 +254,34 @@ def compare(stem: str = "fp8_training") -> int:
     return 0
 
 
-def _narrow_runs(seed_pairs: dict, controls: dict, rows: list, summary: dict) -> list[str]:
-    """Rows and a note for the finished ``fp8norm`` runs (FP8 with fp8.cache_norm_inputs):
-    their final loss against BF16, plain FP8 and the BF16 control of the same seed."""
-    got = {}
-    for seed in seed_pairs:
-        name = seed_name(seed, NARROW)
-        if (RUN_ROOT / name / "metrics.jsonl").is_file():
-            c = curve(name)
-            if c[0] and c[0][-1] == seed_pairs[seed][0][0][-1]:
-                got[seed] = c
-    if not got:
-        return []
-    for seed, c in got.items():
-        rows.append({"precision": f"{NARROW} seed {seed}", "steps": c[0][-1], "first loss": c[1][0],
-                     f"final loss (mean last {LAST})": _final(c),
-                     f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
-                     "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
-                     "elapsed s": c[3].get("elapsed_s")})
-    vs = {k: {"bf16": _final(c) / _final(seed_pairs[k][0]) - 1, "fp8": _final(c) / _final(seed_pairs[k][1]) - 1,
-              **({"control": _final(c) / _final(controls[k]) - 1} if k in controls else {})} for k, c in got.items()}
-    summary[f"{NARROW}_by_seed"] = {str(k): v for k, v in vs.items()}
-    return [f"{NARROW}: FP8 with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents kept "
-            "in E4M3 too, beyond V3), same seed and data; its final loss against the other runs of its seed: "
-            + "; ".join(f"seed {k} " + ", ".join(f"vs {n} {v:+.3%}" for n, v in d.items()) for k, d in vs.items())
-            + "."]
+def _lean_runs(seed_pairs: dict, controls: dict, rows: list, summary: dict) -> list[str]:
+    """Rows and a note per finished run of a :data:`LEAN` variant: its final loss against
+    BF16, plain FP8 and the BF16 control of the same seed."""
+    notes = []
+    for variant, (_, what) in LEAN.items():
+        got = {}
+        for seed in seed_pairs:
+            name = seed_name(seed, variant)
+            if (RUN_ROOT / name / "metrics.jsonl").is_file():
+                c = curve(name)
+                if c[0] and c[0][-1] == seed_pairs[seed][0][0][-1]:
+                    got[seed] = c
+        if not got:
+            continue
+        for seed, c in got.items():
+            rows.append({"precision": f"{variant} seed {seed}", "steps": c[0][-1], "first loss": c[1][0],
+                         f"final loss (mean last {LAST})": _final(c),
+                         f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
+                         "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
+                         "elapsed s": c[3].get("elapsed_s")})
+        vs = {k: {"bf16": _final(c) / _final(seed_pairs[k][0]) - 1, "fp8": _final(c) / _final(seed_pairs[k][1]) - 1,
+                  **({"control": _final(c) / _final(controls[k]) - 1} if k in controls else {})}
+              for k, c in got.items()}
+        summary[f"{variant}_by_seed"] = {str(k): v for k, v in vs.items()}
+        notes.append(f"{variant}: {what}, same seed and data; its final loss against the other runs of its seed: "
+                     + "; ".join(f"seed {k} " + ", ".join(f"vs {n} {v:+.3%}" for n, v in d.items())
+                                 for k, d in vs.items()) + ".")
+    return notes
 
 
 def _final(c) -> float:
@@ -482,8 +490,8 @@ def _plot_final_gaps(ax, sides: dict, control, seeds: dict, controls: dict, main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--precision", choices=("bf16", "fp8", NARROW),
-                      help=f"train this side ({NARROW}: FP8 with fp8.cache_norm_inputs, run {NARROW}[_seedN])")
+    mode.add_argument("--precision", choices=("bf16", "fp8", *LEAN),
+                      help="train this side (" + "; ".join(f"{k}: {v[1]}" for k, v in LEAN.items()) + ")")
     mode.add_argument("--compare", action="store_true", help="read both runs and write the results")
     ap.add_argument("--control", action="store_true",
                     help="train a second BF16 run (bf16_control) on the same batches split into 2 accumulated "

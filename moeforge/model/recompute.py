@@ -199,7 +199,8 @@ def source(t: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Callable[..., tor
     tensors its producer keeps for backward anyway, ``rebuild``), so a consumer can save
     those (no new bytes) and call ``rebuild(*tensors)`` in backward; else None.
 
-    ``rebuild`` gives the output again, bit for bit. It runs once per forward call: consumers of one output (wq_a and wkv_a; the router,
+    ``rebuild`` gives the output again, bit for bit (approximately where the producer keeps
+    E4M3 copies: ``fp8.cache_norm_inputs``, ``fp8.recompute_swiglu_output``). It runs once per forward call: consumers of one output (wq_a and wkv_a; the router,
     shared and routed experts) share it. Rebuilding once per consumer cost ~7% of a small
     bf16 step. (A lookup keyed by the producer's input served wrong values under pipeline
     schedules; the cell lives exactly as long as the consumers' graph nodes, or until the
@@ -234,14 +235,14 @@ def swiglu(a: torch.Tensor, b: torch.Tensor, fp8=None) -> torch.Tensor:
     ``Fp8Config``), recomputes silu(a) in backward. Without FP8 its output is a
     :func:`source`: the down projection keeps nothing of its own and rebuilds it.
 
-    Under FP8 it is not: rebuilding it from the E4M3 inputs (V3's recomputation) gave the
-    down projection's Wgrad 1.2x the error of its E4M3 copy of the real output, and the
-    2,000-step tiny FP8-vs-BF16 gap went from 0.25% to 0.68% (session 9, same seed); the
-    copy costs 1 byte per element (7 MB of a small step)."""
+    Under FP8 it is not, unless ``fp8.recompute_swiglu_output`` (V3's recomputation, from
+    the E4M3 inputs): that gave the down projection's Wgrad 1.2x the error of its E4M3 copy
+    of the real output (session 9), and the copy costs 1 byte per element (7 MB of a small
+    step), so by default the down projection keeps the copy."""
     kept, inputs = _narrowed(fp8, a, b)
     h = _SwiGLUFn.apply(a, b, kept, inputs)
-    if fp8 is None:
-        _register(h, kept, _swiglu_output)
+    if fp8 is None or fp8.recompute_swiglu_output:
+        _register(h, kept, partial(_swiglu_output, restore=inputs))
     return h
 
 
@@ -249,7 +250,8 @@ def _as_is(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return ts
 
 
-def _swiglu_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _swiglu_output(*kept: torch.Tensor, restore) -> torch.Tensor:
+    a, b = restore(*kept)
     return F.silu(a) * b
 
 

@@ -1,10 +1,11 @@
-"""``fp8.cache_norm_inputs``: the residual stream at the norms and MLA's latents saved in
-E4M3 (beyond V3's recipe). What must hold: the norm's forward is unchanged and its
-backward is the RMSNorm gradient at the dequantized input (checked against a float64
-transcription of the formula, and close to the exact gradient); consumers of the norm
-keep no bytes of their own; MLA's forward is the plain MLA's on E4M3-rounded latents and
-its recomputed backward is exact for that forward; whole models save less and still
-train."""
+"""FP8's opt-in storage switches. ``fp8.cache_norm_inputs``: the residual stream at the
+norms and MLA's latents saved in E4M3 (beyond V3's recipe). What must hold: the norm's
+forward is unchanged and its backward is the RMSNorm gradient at the dequantized input
+(checked against a float64 transcription of the formula, and close to the exact
+gradient); consumers of the norm keep no bytes of their own; MLA's forward is the plain
+MLA's on E4M3-rounded latents and its recomputed backward is exact for that forward; whole
+models save less and still train. ``fp8.recompute_swiglu_output``: the down projection
+rebuilds the SwiGLU output from the E4M3 inputs instead of keeping a copy."""
 
 from __future__ import annotations
 
@@ -193,3 +194,35 @@ def test_tiny_model_saves_less_and_trains_like_fp8():
     # differ by up to ~15% at a given step), so only the first steps are compared
     assert max(abs(a - b) / b for a, b in zip(got[:4], ref[:4])) < 0.01
     assert got[-1] < 0.15 * got[0]
+
+
+def test_down_projection_rebuilds_the_swiglu_output_from_its_e4m3_inputs():
+    """With ``recompute_swiglu_output`` the dense MLP keeps only the E4M3 a and b (no copy of
+    h); everything but w2's weight gradient is bit-identical, and that one (Wgrad on h
+    rebuilt from E4M3 inputs instead of h's own E4M3 copy) stays close to the exact one."""
+    from moeforge.model.layers import MLP
+
+    torch.manual_seed(0)
+    base = MLP(256, 384)
+    x = torch.randn(4, 150, 256).bfloat16()
+    dy = torch.randn(4, 150, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    h_elems = 4 * 150 * 384
+
+    def run(rebuild: bool):
+        mlp = fp8.convert(copy.deepcopy(base), Fp8Config(enabled=True, recompute_swiglu_output=rebuild))
+        xx = x.clone().requires_grad_()
+        out, saved = _saved(lambda: mlp(xx))
+        out.backward(dy)
+        kept = {t.untyped_storage().data_ptr() for t in saved if t.numel() == h_elems}
+        return [out, xx.grad, mlp.w1.weight.grad, mlp.w3.weight.grad], mlp.w2.weight.grad, len(kept)
+
+    same, dw2_copy, n_copy = run(False)
+    same_r, dw2_rebuilt, n_rebuilt = run(True)
+    assert (n_copy, n_rebuilt) == (3, 2)  # E4M3 a, b (+ w2's copy of h)
+    assert all(torch.equal(p, q) for p, q in zip(same, same_r))
+    with torch.no_grad():  # the exact Wgrad of w2, in float64
+        a, b = (x.double() @ w.double().t() for w in (base.w1.weight, base.w3.weight))
+        exact = dy.double().reshape(-1, 256).t() @ (F.silu(a) * b).reshape(-1, 384)
+    err_copy, err_rebuilt = calc_diff(dw2_copy, exact), calc_diff(dw2_rebuilt, exact)
+    assert not torch.equal(dw2_copy, dw2_rebuilt)
+    assert err_rebuilt < 3 * err_copy and err_rebuilt < 5e-3, (err_copy, err_rebuilt)
