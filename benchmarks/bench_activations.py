@@ -44,11 +44,14 @@ def _ctx_held(loss: torch.Tensor) -> dict[int, int]:
     return held
 
 
-# The precisions compared, as config overrides: BF16, FP8 as V3 keeps activations, and FP8
-# with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents in E4M3 too,
-# beyond V3: what is left of BF16 under V3's recipe)
-VARIANTS = {"bf16 MB": {"fp8.enabled": False}, "fp8 MB": {"fp8.enabled": True},
-            "fp8 + norm inputs MB": {"fp8.enabled": True, "fp8.cache_norm_inputs": True}}
+# The precisions compared, as config overrides: BF16; FP8 as the default keeps activations
+# (V3's recipe, but for an E4M3 copy of the MLPs' SwiGLU output); with fp8.cache_norm_inputs
+# (the residual stream at the norms and MLA's latents in E4M3 too, beyond V3); with
+# fp8.recompute_swiglu_output as well (that copy dropped, as V3 does)
+VARIANTS = {"bf16": {"fp8.enabled": False}, "fp8": {"fp8.enabled": True},
+            "fp8 + norm inputs": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
+            "fp8 + norm inputs + swiglu rebuilt": {"fp8.enabled": True, "fp8.cache_norm_inputs": True,
+                                                   "fp8.recompute_swiglu_output": True}}
 
 
 def breakdown(preset: str, over: dict, micro_batch: int) -> tuple[dict[str, float], float, dict[str, float]]:
@@ -136,11 +139,17 @@ def main() -> None:
     if args.quick:
         args.presets, args.no_v3_layer = ["tiny"], True
     rows, summary = [], {}
-    names = list(VARIANTS)
+    names = [f"{k} MB" for k in VARIANTS]
     v3 = "V3 widths, one MoE block"
 
     def add(preset: str, where: str, values: list[float], scale: float = 1.0) -> None:
         rows.append({"preset": preset, "saved by": where, **{n: round(v / scale, 2) for n, v in zip(names, values)}})
+
+    def ratios(label: str, totals: list[float], unit: str, scale: float) -> None:
+        for k, t in list(zip(VARIANTS, totals))[1:]:
+            summary[f"{label} {k}/bf16"] = t / totals[0]
+        print(f"{label}: " + ", ".join(f"{k} {t / scale:.1f} {unit} ({t / totals[0]:.3f})"
+                                      for k, t in zip(VARIANTS, totals)), flush=True)
 
     if not args.no_v3_layer:
         got = [v3_layer_bytes(over) for over in VARIANTS.values()]
@@ -148,10 +157,7 @@ def main() -> None:
         for dtype in sorted(set().union(*dts), key=lambda k: -sum(d.get(k, 0) for d in dts)):
             add(v3, f"(all saved {dtype} tensors, KB/token)", [d.get(dtype, 0.0) for d in dts], 1024)
         add(v3, "total, KB per token", [t for t, _ in got], 1024)
-        (t16, _), (t8, _), (tn, _) = got
-        summary[f"{v3} fp8/bf16"], summary[f"{v3} fp8 + norm inputs/bf16"] = t8 / t16, tn / t16
-        print(f"{v3}: bf16 {t16 / 1024:.1f} KB/token, fp8 {t8 / 1024:.1f} ({t8 / t16:.3f}), "
-              f"fp8 + norm inputs {tn / 1024:.1f} ({tn / t16:.3f})", flush=True)
+        ratios(v3, [t for t, _ in got], "KB/token", 1024)
     for preset in args.presets:
         mb = 16 if preset == "tiny" else 8
         got = [breakdown(preset, over, mb) for over in VARIANTS.values()]
@@ -161,12 +167,8 @@ def main() -> None:
         for dtype in sorted(set().union(*dts), key=lambda k: -sum(d.get(k, 0) for d in dts)):
             add(preset, f"(all saved {dtype} tensors)", [d.get(dtype, 0.0) for d in dts])
         add(preset, "total", [t for _, t, _ in got])
-        (t16, t8, tn), (s16, s8, sn) = ([t for _, t, _ in got], [sum(d.values()) for d in dts])
-        summary[f"{preset} fp8/bf16"] = t8 / t16
-        summary[f"{preset} fp8/bf16, saved tensors only (no held gradients)"] = s8 / s16
-        summary[f"{preset} fp8 + norm inputs/bf16, saved tensors only"] = sn / s16
-        print(f"{preset}: bf16 {t16:.1f} MB, fp8 {t8:.1f} MB ({t8 / t16:.3f}), fp8 + norm inputs {tn:.1f} MB "
-              f"({tn / t16:.3f}); saved tensors only {s8 / s16:.3f} / {sn / s16:.3f}", flush=True)
+        ratios(preset, [t for _, t, _ in got], "MB", 1)
+        ratios(f"{preset}, saved tensors only (no held gradients)", [sum(d.values()) for d in dts], "MB", 1)
     write_results("activations", "Activation memory of one training step, by the module that keeps it", rows,
                   summary=summary, notes=[
                       "One forward of the trainer's loss path per preset and precision (tiny: 16x128 tokens, small: "
@@ -187,7 +189,10 @@ def main() -> None:
                       "'fp8 + norm inputs': FP8 with fp8.cache_norm_inputs (off by default; beyond V3): the "
                       "norms on the residual stream save their input in E4M3 with 1x128 scales and run backward "
                       "on its dequantized value, and MLA rounds its two latents to E4M3 in forward and keeps "
-                      "them so (the rope key stays bf16). What stays bf16 then: the rope key and router state.",
+                      "them so (the rope key stays bf16). What stays bf16 then: the rope key and router state. "
+                      "'+ swiglu rebuilt': fp8.recompute_swiglu_output as well (off by default): the dense and "
+                      "shared MLPs' down projection rebuilds the SwiGLU output from its E4M3 inputs, as V3 does, "
+                      "instead of keeping an E4M3 copy of it (the routed experts always rebuild it).",
                       "The head-loss row is memory the fused loss holds between forward and backward (its "
                       "precomputed gradients), which saved-tensor counts elsewhere in these benchmarks miss.",
                       "'V3 widths, one MoE block' (its rows in KB per token, not MB): the tensors saved inside one "

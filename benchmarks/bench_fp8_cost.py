@@ -77,19 +77,24 @@ def grouped_case(tokens: int, dim: int, inter: int, experts: int, repeat: int) -
             "saved fp8 MB": b8 / 2**20, "bytes fp8/bf16": b8 / b16}
 
 
+# The step variants, as config overrides: BF16, FP8 (the default), and FP8 with its opt-in
+# storage switches: fp8n = fp8.cache_norm_inputs (the residual stream at the norms and MLA's
+# latents kept in E4M3 too), fp8lean = that and fp8.recompute_swiglu_output
+STEP_VARIANTS = {"bf16": {"fp8.enabled": False}, "fp8": {"fp8.enabled": True},
+                 "fp8n": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
+                 "fp8lean": {"fp8.enabled": True, "fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True}}
+
+
 def step_case(preset: str, micro_batch: int, repeat: int) -> dict:
-    """One optimizer step of a preset, BF16 vs FP8 vs FP8 with ``fp8.cache_norm_inputs``
-    (``fp8n``: the residual stream at the norms and MLA's latents kept in E4M3 as well),
-    same init and batch."""
+    """One optimizer step of a preset in each of :data:`STEP_VARIANTS`, same init and batch."""
     from moeforge.config import load_config
     from moeforge.train.losses import lm_loss
     from moeforge.train.optim import AdamW
     from moeforge.train.pretrain import build_model
 
     fns, saved = {}, {}
-    for name in ("bf16", "fp8", "fp8n"):
-        cfg = load_config(preset, {"fp8.enabled": name != "bf16", "fp8.cache_norm_inputs": name == "fp8n",
-                                   "train.micro_batch_size": micro_batch})
+    for name, over in STEP_VARIANTS.items():
+        cfg = load_config(preset, {**over, "train.micro_batch_size": micro_batch})
         model = build_model(cfg, torch.device("cpu"))
         opt = AdamW.from_config(model, cfg.train)
         tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len + 1),
@@ -109,11 +114,13 @@ def step_case(preset: str, micro_batch: int, repeat: int) -> dict:
     # 40-80k minor faults per small step; see bench_step.WARMUP), so both sides are timed
     # as a long training run sees them
     t = interleaved(fns, repeat=repeat, warmup=4)
-    return {"gemm": f"{preset} preset train step ({micro_batch}x{cfg.train.seq_len} tokens)", "bf16 ms": t["bf16"] * 1e3,
-            "fp8 ms": t["fp8"] * 1e3, "time fp8/bf16": t["fp8"] / t["bf16"], "saved bf16 MB": saved["bf16"] / 2**20,
-            "saved fp8 MB": saved["fp8"] / 2**20, "bytes fp8/bf16": saved["fp8"] / saved["bf16"],
-            "fp8n ms": t["fp8n"] * 1e3, "time fp8n/bf16": t["fp8n"] / t["bf16"], "time fp8n/fp8": t["fp8n"] / t["fp8"],
-            "saved fp8n MB": saved["fp8n"] / 2**20, "bytes fp8n/bf16": saved["fp8n"] / saved["bf16"]}
+    row = {"gemm": f"{preset} preset train step ({micro_batch}x{cfg.train.seq_len} tokens)", "bf16 ms": t["bf16"] * 1e3,
+           "saved bf16 MB": saved["bf16"] / 2**20}
+    for name in list(STEP_VARIANTS)[1:]:
+        row.update({f"{name} ms": t[name] * 1e3, f"time {name}/bf16": t[name] / t["bf16"],
+                    **({f"time {name}/fp8": t[name] / t["fp8"]} if name != "fp8" else {}),
+                    f"saved {name} MB": saved[name] / 2**20, f"bytes {name}/bf16": saved[name] / saved["bf16"]})
+    return row
 
 
 def main() -> None:
@@ -139,8 +146,8 @@ def main() -> None:
     for preset, r in steps.items():
         summary.update({f"{preset} step time fp8/bf16": r["time fp8/bf16"], f"met {preset}": r["time fp8/bf16"] <= 1.3,
                         f"{preset} step saved bytes fp8/bf16": r["bytes fp8/bf16"],
-                        f"{preset} step saved bytes fp8n/bf16": r["bytes fp8n/bf16"],
-                        f"{preset} step time fp8n/fp8": r["time fp8n/fp8"]})
+                        **{f"{preset} step saved bytes {v}/bf16": r[f"bytes {v}/bf16"] for v in list(STEP_VARIANTS)[2:]},
+                        **{f"{preset} step time {v}/fp8": r[f"time {v}/fp8"] for v in list(STEP_VARIANTS)[2:]}})
     write_results("fp8_cost", "Fp8Linear vs BF16 Linear on CPU: forward+backward time and bytes saved for backward",
                   rows, summary=summary, notes=[
                       "Medians of interleaved runs on a shared 2-core machine that other jobs load heavily: "
@@ -160,7 +167,9 @@ def main() -> None:
                       "fp8n: FP8 with fp8.cache_norm_inputs (off by default; beyond V3): the residual-stream "
                       "norms keep their input in E4M3 (backward on its dequantized value) and MLA rounds its "
                       "latents to E4M3 and keeps them so; the costs are one more quantization per norm and latent "
-                      "in forward and a dequantization in backward.",
+                      "in forward and a dequantization in backward. fp8lean: fp8n plus "
+                      "fp8.recompute_swiglu_output (the dense and shared MLPs' down projection rebuilds the "
+                      "SwiGLU output from its E4M3 inputs instead of keeping an E4M3 copy).",
                       "Saved bytes: FP8 keeps x (1 B/elt + one fp32 scale per 128), BF16 keeps x (2 B/elt); both "
                       "keep the FP32 master weight (a Parameter, not counted); its bf16 cast or FP8 blocks are made "
                       "once per optimizer step and reused by backward (model/weight_cache.py)."])

@@ -15,6 +15,11 @@ With ``fp8.cache_swiglu`` (default) the SwiGLU products of those MLPs and expert
 their two inputs for backward in E4M3 with 1x128 tiles (V3 TR section 3.3.2), via
 ``moeforge.model.recompute.swiglu``.
 
+``fp8.recompute_swiglu_output`` (off by default) has the dense and shared MLPs' down
+projection rebuild the SwiGLU output from those E4M3 inputs for its Wgrad, as V3 does,
+instead of keeping an E4M3 copy of the real output (the default: 1.2x less Wgrad error
+for 1 byte per element of that output; the routed experts always rebuild it).
+
 ``fp8.cache_norm_inputs`` (off by default) goes beyond V3, which keeps what feeds its
 norms in high precision: under the lean recomputation those norm inputs (the residual
 stream at every block's two norms, the final and MTP norms; MLA's two latents) are most of
