@@ -150,7 +150,8 @@ def _fmt(v: object) -> str:
 
 def write_results(name: str, title: str, rows: list[dict], notes: list[str] | None = None,
                   summary: dict | None = None, out_dir: Path | None = None) -> tuple[Path, Path]:
-    """Save rows (a list of flat dicts with the same keys) as JSON and a markdown table."""
+    """Save rows (a list of flat dicts) as JSON and a markdown table (a column per key any
+    row has; blank where a row lacks it)."""
     out = Path(out_dir or RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"name": name, "title": title, "environment": environment(), "summary": summary or {},
@@ -160,7 +161,7 @@ def write_results(name: str, title: str, rows: list[dict], notes: list[str] | No
     env = payload["environment"]
     lines = [f"# {title}", "", f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, {env['time']}", ""]
     if rows:
-        keys = list(rows[0].keys())
+        keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first seen first
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     if summary:

@@ -47,6 +47,10 @@ def test_write_results_json_and_markdown(tmp_path):
     assert data["rows"] == rows and data["summary"] == {"ratio": 0.5}
     text = md.read_text()
     assert "# Demo" in text and "| x | 1.235 |" in text and "a note" in text and "ratio: 0.5" in text
+    # rows with more keys than the first still get their columns (blank where a row lacks one)
+    js, md = bench.write_results("demo", "Demo", [*rows, {"variant": "z", "ms": 3.0, "extra": 7}], out_dir=tmp_path)
+    text = md.read_text()
+    assert "| variant | ms | extra |" in text and "| x | 1.235 |  |" in text and "| z | 3 | 7 |" in text
 
 
 def test_results_name_the_cpu_and_its_bf16_matrix_features(tmp_path, monkeypatch):

@@ -377,7 +377,6 @@ class _RecomputedAttentionFn(torch.autograd.Function):
         # The C backward needs no output (attention_kernel.backward); the flash one does
         ctx.keeps_output = not attention_kernel.handles(q, k, v)
         kept, ctx.restore = stored or ((q_src, kv_src), _as_is)
-        ctx.n_kept = len(kept)
         ctx.save_for_backward(*kept, o if ctx.keeps_output else None, lse)
         ctx.project, ctx.scale, ctx.params, ctx.padded, ctx.vdim = project, scale, params, out.shape[-1], vdim
         return o
