@@ -139,16 +139,13 @@ def moving_average(xs: list[float], n: int) -> list[float]:
 def compare(stem: str = "fp8_training") -> int:
     sides = {p: curve(p) for p in ("bf16", "fp8")}
     rows, final = [], {}
-    for p, (steps, losses, evals, last) in sides.items():
+    for p, (steps, *_) in sides.items():
         if len(steps) < LAST:
             print(f"[fp8_training] {p}: only {len(steps)} logged steps in {RUN_ROOT / p}; train it first",
                   file=sys.stderr)
             return 1
-        final[p] = sum(losses[-LAST:]) / LAST
-        rows.append({"precision": p, "steps": steps[-1], "first loss": losses[0], f"final loss (mean last {LAST})": final[p],
-                     f"final LM CE (mean last {LAST})": sum(last["lm_curve"][-LAST:]) / LAST,
-                     "last eval CE": evals[-1][1] if evals else None, "tokens/s": last.get("tokens_per_s"),
-                     "elapsed s": last.get("elapsed_s")})
+        final[p] = _final(sides[p])
+        rows.append(_row(p, sides[p]))
     rel = abs(final["fp8"] - final["bf16"]) / final["bf16"]
     same_len = sides["bf16"][0][-1] == sides["fp8"][0][-1]
     summary = {"final_loss_bf16": final["bf16"], "final_loss_fp8": final["fp8"], "relative_difference": rel,
@@ -160,11 +157,7 @@ def compare(stem: str = "fp8_training") -> int:
         for seed, (b16, f8) in seed_pairs.items():
             for name, c in ((f"bf16 seed {seed}", b16), (f"fp8 seed {seed}", f8)):
                 if seed != int(tc["seed"]):
-                    rows.append({"precision": name, "steps": c[0][-1], "first loss": c[1][0],
-                                 f"final loss (mean last {LAST})": sum(c[1][-LAST:]) / LAST,
-                                 f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
-                                 "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
-                                 "elapsed s": c[3].get("elapsed_s")})
+                    rows.append(_row(name, c))
         signed = {seed: _final(f8) / _final(b16) - 1 for seed, (b16, f8) in seed_pairs.items()}
         finals16 = [_final(b16) for b16, _ in seed_pairs.values()]
         spread = (max(finals16) - min(finals16)) / min(finals16)
@@ -184,11 +177,8 @@ def compare(stem: str = "fp8_training") -> int:
         micro = int(tc["micro_batch_size"])
         noise = {seed: _final(c) / _final(seed_pairs[seed][0]) - 1 for seed, c in controls.items() if seed in seed_pairs}
         for seed, c in controls.items():
-            rows.append({"precision": f"bf16 control" + ("" if seed == int(tc["seed"]) else f" seed {seed}"),
-                         "steps": c[0][-1], "first loss": c[1][0], f"final loss (mean last {LAST})": _final(c),
-                         f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
-                         "last eval CE": c[2][-1][1] if c[2] and _same_eval(seed_name(seed, CONTROL), "bf16") else None,
-                         "tokens/s": c[3].get("tokens_per_s"), "elapsed s": c[3].get("elapsed_s")})
+            rows.append(_row("bf16 control" + ("" if seed == int(tc["seed"]) else f" seed {seed}"), c,
+                             bool(c[2]) and _same_eval(seed_name(seed, CONTROL), "bf16")))
         summary["control_relative_difference_by_seed"] = {str(k): v for k, v in noise.items()}
         vs_control = {seed: _final(seed_pairs[seed][1]) / _final(c) - 1 for seed, c in controls.items()
                       if seed in seed_pairs}
@@ -268,12 +258,7 @@ def _lean_runs(seed_pairs: dict, controls: dict, rows: list, summary: dict) -> l
                     got[seed] = c
         if not got:
             continue
-        for seed, c in got.items():
-            rows.append({"precision": f"{variant} seed {seed}", "steps": c[0][-1], "first loss": c[1][0],
-                         f"final loss (mean last {LAST})": _final(c),
-                         f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
-                         "last eval CE": c[2][-1][1] if c[2] else None, "tokens/s": c[3].get("tokens_per_s"),
-                         "elapsed s": c[3].get("elapsed_s")})
+        rows += [_row(f"{variant} seed {seed}", c) for seed, c in got.items()]
         vs = {k: {"bf16": _final(c) / _final(seed_pairs[k][0]) - 1, "fp8": _final(c) / _final(seed_pairs[k][1]) - 1,
                   **({"control": _final(c) / _final(controls[k]) - 1} if k in controls else {})}
               for k, c in got.items()}
@@ -282,6 +267,15 @@ def _lean_runs(seed_pairs: dict, controls: dict, rows: list, summary: dict) -> l
                      + "; ".join(f"seed {k} " + ", ".join(f"vs {n} {v:+.3%}" for n, v in d.items())
                                  for k, d in vs.items()) + ".")
     return notes
+
+
+def _row(label: str, c, same_eval: bool = True) -> dict:
+    """The results-table row of one run's curve (:func:`curve`); its eval CE only when it
+    evaluated the same sequences as the BF16 run."""
+    return {"precision": label, "steps": c[0][-1], "first loss": c[1][0], f"final loss (mean last {LAST})": _final(c),
+            f"final LM CE (mean last {LAST})": sum(c[3]["lm_curve"][-LAST:]) / LAST,
+            "last eval CE": c[2][-1][1] if c[2] and same_eval else None, "tokens/s": c[3].get("tokens_per_s"),
+            "elapsed s": c[3].get("elapsed_s")}
 
 
 def _final(c) -> float:
