@@ -21,7 +21,7 @@ import collections
 import torch
 from torch import nn
 
-from moeforge.bench import write_results
+from moeforge.bench import FP8_STORAGE_VARIANTS, write_results
 from moeforge.config import load_config
 from moeforge.train.losses import lm_loss
 from moeforge.train.pretrain import build_model
@@ -42,16 +42,6 @@ def _ctx_held(loss: torch.Tensor) -> dict[int, int]:
                 held[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
         todo.extend(fn for fn, _ in node.next_functions)
     return held
-
-
-# The precisions compared, as config overrides: BF16; FP8 as the default keeps activations
-# (V3's recipe, but for an E4M3 copy of the MLPs' SwiGLU output); with fp8.cache_norm_inputs
-# (the residual stream at the norms and MLA's latents in E4M3 too, beyond V3); with
-# fp8.recompute_swiglu_output as well (that copy dropped, as V3 does)
-VARIANTS = {"bf16": {"fp8.enabled": False}, "fp8": {"fp8.enabled": True},
-            "fp8 + norm inputs": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
-            "fp8 + norm inputs + swiglu rebuilt": {"fp8.enabled": True, "fp8.cache_norm_inputs": True,
-                                                   "fp8.recompute_swiglu_output": True}}
 
 
 def breakdown(preset: str, over: dict, micro_batch: int) -> tuple[dict[str, float], float, dict[str, float]]:
@@ -139,20 +129,20 @@ def main() -> None:
     if args.quick:
         args.presets, args.no_v3_layer = ["tiny"], True
     rows, summary = [], {}
-    names = [f"{k} MB" for k in VARIANTS]
+    names = [f"{k} MB" for k in FP8_STORAGE_VARIANTS]
     v3 = "V3 widths, one MoE block"
 
     def add(preset: str, where: str, values: list[float], scale: float = 1.0) -> None:
         rows.append({"preset": preset, "saved by": where, **{n: round(v / scale, 2) for n, v in zip(names, values)}})
 
     def ratios(label: str, totals: list[float], unit: str, scale: float) -> None:
-        for k, t in list(zip(VARIANTS, totals))[1:]:
+        for k, t in list(zip(FP8_STORAGE_VARIANTS, totals))[1:]:
             summary[f"{label} {k}/bf16"] = t / totals[0]
         print(f"{label}: " + ", ".join(f"{k} {t / scale:.1f} {unit} ({t / totals[0]:.3f})"
-                                      for k, t in zip(VARIANTS, totals)), flush=True)
+                                      for k, t in zip(FP8_STORAGE_VARIANTS, totals)), flush=True)
 
     if not args.no_v3_layer:
-        got = [v3_layer_bytes(over) for over in VARIANTS.values()]
+        got = [v3_layer_bytes(over) for over in FP8_STORAGE_VARIANTS.values()]
         dts = [d for _, d in got]
         for dtype in sorted(set().union(*dts), key=lambda k: -sum(d.get(k, 0) for d in dts)):
             add(v3, f"(all saved {dtype} tensors, KB/token)", [d.get(dtype, 0.0) for d in dts], 1024)
@@ -160,7 +150,7 @@ def main() -> None:
         ratios(v3, [t for t, _ in got], "KB/token", 1024)
     for preset in args.presets:
         mb = 16 if preset == "tiny" else 8
-        got = [breakdown(preset, over, mb) for over in VARIANTS.values()]
+        got = [breakdown(preset, over, mb) for over in FP8_STORAGE_VARIANTS.values()]
         bys, dts = [b for b, _, _ in got], [d for _, _, d in got]
         for where in sorted(set().union(*bys), key=lambda k: -sum(b.get(k, 0) for b in bys)):
             add(preset, where, [b.get(where, 0.0) for b in bys])
@@ -186,11 +176,11 @@ def main() -> None:
                       "The '(all saved ... tensors)' rows split the same saved bytes by dtype: under FP8 the "
                       "bf16 that remains is what V3 also keeps in high precision (the residual stream at the "
                       "norms, the MLA latents).",
-                      "'fp8 + norm inputs': FP8 with fp8.cache_norm_inputs (off by default; beyond V3): the "
+                      "'fp8n': FP8 with fp8.cache_norm_inputs (off by default; beyond V3): the "
                       "norms on the residual stream save their input in E4M3 with 1x128 scales and run backward "
                       "on its dequantized value, and MLA rounds its two latents to E4M3 in forward and keeps "
                       "them so (the rope key stays bf16). What stays bf16 then: the rope key and router state. "
-                      "'+ swiglu rebuilt': fp8.recompute_swiglu_output as well (off by default): the dense and "
+                      "'fp8lean': fp8n and fp8.recompute_swiglu_output (off by default): the dense and "
                       "shared MLPs' down projection rebuilds the SwiGLU output from its E4M3 inputs, as V3 does, "
                       "instead of keeping an E4M3 copy of it (the routed experts always rebuild it).",
                       "The head-loss row is memory the fused loss holds between forward and backward (its "

@@ -26,7 +26,7 @@ import argparse
 import torch
 from torch import nn
 
-from moeforge.bench import interleaved, write_results
+from moeforge.bench import FP8_STORAGE_VARIANTS, interleaved, write_results
 from moeforge.fp8 import Fp8Config, Fp8GroupedLinear, Fp8Linear
 from moeforge.model.layers import Linear
 from moeforge.model.moe import grouped_linear
@@ -77,23 +77,16 @@ def grouped_case(tokens: int, dim: int, inter: int, experts: int, repeat: int) -
             "saved fp8 MB": b8 / 2**20, "bytes fp8/bf16": b8 / b16}
 
 
-# The step variants, as config overrides: BF16, FP8 (the default), and FP8 with its opt-in
-# storage switches: fp8n = fp8.cache_norm_inputs (the residual stream at the norms and MLA's
-# latents kept in E4M3 too), fp8lean = that and fp8.recompute_swiglu_output
-STEP_VARIANTS = {"bf16": {"fp8.enabled": False}, "fp8": {"fp8.enabled": True},
-                 "fp8n": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
-                 "fp8lean": {"fp8.enabled": True, "fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True}}
-
-
 def step_case(preset: str, micro_batch: int, repeat: int) -> dict:
-    """One optimizer step of a preset in each of :data:`STEP_VARIANTS`, same init and batch."""
+    """One optimizer step of a preset in each of ``moeforge.bench.FP8_STORAGE_VARIANTS``,
+    same init and batch."""
     from moeforge.config import load_config
     from moeforge.train.losses import lm_loss
     from moeforge.train.optim import AdamW
     from moeforge.train.pretrain import build_model
 
     fns, saved = {}, {}
-    for name, over in STEP_VARIANTS.items():
+    for name, over in FP8_STORAGE_VARIANTS.items():
         cfg = load_config(preset, {**over, "train.micro_batch_size": micro_batch})
         model = build_model(cfg, torch.device("cpu"))
         opt = AdamW.from_config(model, cfg.train)
@@ -116,7 +109,7 @@ def step_case(preset: str, micro_batch: int, repeat: int) -> dict:
     t = interleaved(fns, repeat=repeat, warmup=4)
     row = {"gemm": f"{preset} preset train step ({micro_batch}x{cfg.train.seq_len} tokens)", "bf16 ms": t["bf16"] * 1e3,
            "saved bf16 MB": saved["bf16"] / 2**20}
-    for name in list(STEP_VARIANTS)[1:]:
+    for name in list(FP8_STORAGE_VARIANTS)[1:]:
         row.update({f"{name} ms": t[name] * 1e3, f"time {name}/bf16": t[name] / t["bf16"],
                     **({f"time {name}/fp8": t[name] / t["fp8"]} if name != "fp8" else {}),
                     f"saved {name} MB": saved[name] / 2**20, f"bytes {name}/bf16": saved[name] / saved["bf16"]})
@@ -146,8 +139,8 @@ def main() -> None:
     for preset, r in steps.items():
         summary.update({f"{preset} step time fp8/bf16": r["time fp8/bf16"], f"met {preset}": r["time fp8/bf16"] <= 1.3,
                         f"{preset} step saved bytes fp8/bf16": r["bytes fp8/bf16"],
-                        **{f"{preset} step saved bytes {v}/bf16": r[f"bytes {v}/bf16"] for v in list(STEP_VARIANTS)[2:]},
-                        **{f"{preset} step time {v}/fp8": r[f"time {v}/fp8"] for v in list(STEP_VARIANTS)[2:]}})
+                        **{f"{preset} step saved bytes {v}/bf16": r[f"bytes {v}/bf16"] for v in list(FP8_STORAGE_VARIANTS)[2:]},
+                        **{f"{preset} step time {v}/fp8": r[f"time {v}/fp8"] for v in list(FP8_STORAGE_VARIANTS)[2:]}})
     write_results("fp8_cost", "Fp8Linear vs BF16 Linear on CPU: forward+backward time and bytes saved for backward",
                   rows, summary=summary, notes=[
                       "Medians of interleaved runs on a shared 2-core machine that other jobs load heavily: "

@@ -35,6 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
 
+# The FP8 storage variants the memory and cost benchmarks compare, as config overrides:
+# BF16; FP8 as by default (V3's recipe, but for an E4M3 copy of the MLPs' SwiGLU output);
+# fp8n = with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents in
+# E4M3 too, beyond V3); fp8lean = that and fp8.recompute_swiglu_output (the copy dropped)
+FP8_STORAGE_VARIANTS = {
+    "bf16": {"fp8.enabled": False},
+    "fp8": {"fp8.enabled": True},
+    "fp8n": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
+    "fp8lean": {"fp8.enabled": True, "fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True},
+}
+
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1,
                 samples: dict[str, list[float]] | None = None) -> dict[str, float]:
