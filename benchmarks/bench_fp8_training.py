@@ -63,6 +63,7 @@ import torch
 from moeforge.bench import RESULTS_DIR, ROOT, write_results
 
 RUN_ROOT = ROOT / "runs" / "fp8_training"
+LR: float | None = None  # --lr: peak LR instead of the preset's (min_lr = LR / 10); runs under RUN_ROOT_lr{LR}
 TARGET = 0.0025  # relative difference of the final losses (issue 4)
 CONTROL = "bf16_control"  # optional second BF16 run: the noise floor of the comparison
 LAST = 100  # steps averaged for "final loss"
@@ -91,7 +92,8 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
         "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
         "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,
-        **({"train.seed": seed} if seed is not None else {})})
+        **({"train.seed": seed} if seed is not None else {}),
+        **({"train.lr": LR, "train.min_lr": LR / 10} if LR is not None else {})})
 
 
 def _is_control(name: str | None) -> bool:
@@ -222,7 +224,8 @@ def compare(stem: str = "fp8_training") -> int:
     notes = [f"Final loss = mean training loss of the last {LAST} steps; relative difference "
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
-             f"micro_batch_size {tc['micro_batch_size']} (preset 16), seq_len {tc['seq_len']}, warmup {tc['warmup_steps']}, schedule "
+             f"micro_batch_size {tc['micro_batch_size']} (preset 16), seq_len {tc['seq_len']}, warmup {tc['warmup_steps']}, "
+             f"lr {tc['lr']:g} -> {tc['min_lr']:g}{_preset_lr() if LR is not None else ''}, schedule "
              f"{tc['schedule']} over the whole run, log_every 1.",
              "FP8: every Linear of attention, dense MLPs, shared and routed experts in blockwise E4M3 "
              "(1x128 activations, 128x128 weights, 128x1 Wgrad re-tiling, online scales); BF16: the same model "
@@ -323,6 +326,13 @@ def weight_distance(a: str, b: str) -> float | None:
     wa, wb = (load_file(st[common[-1]] / "model.safetensors") for st in steps)
     num = sum(float((wa[k].double() - wb[k].double()).square().sum()) for k in wa)
     return (num / sum(float(wa[k].double().square().sum()) for k in wa)) ** 0.5
+
+
+def _preset_lr() -> str:
+    from moeforge.config import load_config
+
+    t = load_config("tiny").train
+    return f" (preset {t.lr:g} -> {t.min_lr:g})"
 
 
 def _mean_abs(xs) -> float:
@@ -505,10 +515,17 @@ def main() -> int:
                          "of --seeds), --jobs at a time, then compare")
     ap.add_argument("--seeds", type=int, nargs="*", default=[], help="more seeds for --all")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time for --all (each gets cores / jobs threads)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate instead of the preset's 3e-3 (min_lr = lr / 10); the runs go to "
+                         "runs/fp8_training_lr{LR}. Less chaotic training: the same-seed runs stay nearer")
     ap.add_argument("--quick", action="store_true", help="(from `moeforge bench`) compare existing runs, never train")
     args = ap.parse_args()
+    if args.lr is not None:
+        global LR, RUN_ROOT
+        LR, RUN_ROOT = args.lr, RUN_ROOT.with_name(f"{RUN_ROOT.name}_lr{args.lr:g}")
     if args.all:
-        passed = ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--data-mb", str(args.data_mb)]
+        passed = ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--data-mb", str(args.data_mb),
+                  *(["--lr", str(args.lr)] if args.lr is not None else [])]
         return run_all(args.seeds, args.jobs, args.steps, passed, args.name)
     if args.precision is None:  # --compare, or `moeforge bench` (every benchmark, no arguments): compare
         if all((RUN_ROOT / p / "metrics.jsonl").is_file() for p in ("bf16", "fp8")):  # but never start a
