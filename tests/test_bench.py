@@ -215,3 +215,21 @@ def test_fp8_training_weight_distance_at_the_newest_common_checkpoint(tmp_path, 
         save_file({"x": torch.tensor(w), "y": torch.zeros(2)}, str(d / "model.safetensors"))
     assert mod.weight_distance("a", "b") == pytest.approx(3 / 5)  # step 500: ||(3, 0)|| / ||(3, 4)||
     assert mod.weight_distance("a", "c") is None
+
+
+def test_fp8_training_lr_option_moves_the_runs_and_sets_both_rates(tmp_path, monkeypatch, capsys):
+    """--lr trains at another peak LR (min_lr a tenth of it) in a run root of its own, so
+    that its runs never mix with the preset's; without it the preset's rates stay."""
+    from moeforge.config import load_config
+
+    mod = _bench_script("bench_fp8_training")
+    monkeypatch.setattr(mod, "RUN_ROOT", tmp_path / "fp8_training")
+    preset = load_config("tiny").train
+    cfg = mod.run_config("fp8", 100, 16, 1.0)
+    assert (cfg.train.lr, cfg.train.min_lr) == (preset.lr, preset.min_lr)
+    monkeypatch.setattr("sys.argv", ["bench_fp8_training.py", "--compare", "--lr", "5e-4"])
+    assert mod.main() == 1  # nothing trained there yet
+    assert mod.RUN_ROOT == tmp_path / "fp8_training_lr0.0005" and "fp8_training_lr0.0005" in capsys.readouterr().out
+    cfg = mod.run_config("bf16", 100, 16, 1.0, name="bf16_control")
+    assert (cfg.train.lr, cfg.train.min_lr) == (5e-4, 5e-5) and cfg.train.grad_accum == 2
+    assert cfg.train.out_dir == str(tmp_path / "fp8_training_lr0.0005")
