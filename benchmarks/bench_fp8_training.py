@@ -225,8 +225,8 @@ def compare(stem: str = "fp8_training") -> int:
              f"|fp8 - bf16| / bf16 = {rel:.4%} (target < {TARGET:.2%}): {'PASS' if summary['passed'] else 'FAIL'}.",
              f"tiny preset, same seed ({tc['seed']}) and data order; overrides: steps {tc['steps']}, "
              f"micro_batch_size {tc['micro_batch_size']} (preset 16), seq_len {tc['seq_len']}, warmup {tc['warmup_steps']}, "
-             f"lr {tc['lr']:g} -> {tc['min_lr']:g}{_preset_lr() if LR is not None else ''}, schedule "
-             f"{tc['schedule']} over the whole run, log_every 1.",
+             + (f"lr {tc['lr']:g} -> {tc['min_lr']:g}{_preset_lr() if LR is not None else ''}, " if "lr" in tc else "")
+             + f"schedule {tc['schedule']} over the whole run, log_every 1.",
              "FP8: every Linear of attention, dense MLPs, shared and routed experts in blockwise E4M3 "
              "(1x128 activations, 128x128 weights, 128x1 Wgrad re-tiling, online scales); BF16: the same model "
              "with bf16 GEMMs. Both keep FP32 master weights and AdamW state.",

@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--name", default=None, help="results file stem (default step_PRESET; use another one for a "
+                                                   "run of some variants that should not replace the full table)")
     ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak memory
     args = ap.parse_args()
     preset = args.preset or ("tiny" if args.quick else "small")
@@ -208,7 +210,7 @@ def main() -> None:
              "weight_forms_mb: the weights' compute-dtype casts / FP8 quantizations kept between steps "
              "(model/weight_cache.py: made once per optimizer step instead of twice per step; persistent, so not "
              "in peak_step_mb)."]
-    write_results(f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
+    write_results(args.name or f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
                   rows, notes, summary)
     for r in rows:
         print(f"{r['variant']:>13}: {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu_vs_bf16_peak']:5.1f}%  "
