@@ -138,7 +138,7 @@ def test_fp8_training_compare_reports_gaps_per_seed_and_the_bf16_noise_floor(tmp
 
 def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
     """benchmarks/gpu_fp8.py has never run on a GPU: its --device cpu --quick smoke test
-    goes through the same functions (GEMM table, BF16/FP8 step, transformers pair)."""
+    goes through the same functions (GEMM table, BF16/FP8 step, transformers pair, MoE pair)."""
     pytest.importorskip("transformers")
     monkeypatch.syspath_prepend(str(bench.BENCH_DIR))
     mod = _bench_script("gpu_fp8")
@@ -148,6 +148,8 @@ def test_gpu_script_runs_every_path_on_cpu_at_toy_sizes(tmp_path, monkeypatch):
     assert {r["variant"] for r in step["rows"]} == {"bf16", "fp8"}
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu_vs_bf16_matmul"] for r in step["rows"])
     assert step["summary"]["fp8_step_time_vs_bf16"] > 0 and hf["rows"][0]["speedup"] > 0
+    moe = json.loads((tmp_path / "gpu_moe.json").read_text())
+    assert [r["experts"] for r in moe["rows"]] == [8, 32] and all(r["speedup"] > 0 for r in moe["rows"])
 
 
 def test_fp8_training_all_plans_only_the_missing_runs(tmp_path, monkeypatch):
