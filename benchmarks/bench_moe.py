@@ -16,7 +16,10 @@ also starts from fresh bf16 weight casts now, as after an optimizer step.
 
 Part 2 keeps the activated parameters fixed (top-k and expert width constant) and grows
 the number of routed experts: with grouped dispatch the step time should stay nearly
-flat, because the work per token does not change.
+flat, because the work per token does not change. It does not quite, on a CPU, because
+each expert's GEMMs get fewer rows (4096 tokens x top-4 over 256 experts: 64 each) and
+small GEMMs run below the peak rate; ``--tokens 16384 --scaling-only --name moe_16k``
+takes part 2 with four times the rows per expert (another results file).
 """
 
 from __future__ import annotations
@@ -83,8 +86,12 @@ def fwd_bwd(fn, moe: MoE, x: torch.Tensor):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per call (default 4096; a multiple of 512)")
+    ap.add_argument("--scaling-only", action="store_true", help="only part 2 (experts grow, activated parameters fixed)")
+    ap.add_argument("--name", default="moe", help="results file stem (use another one for partial runs)")
     args = ap.parse_args()
     tokens, dim, inter, topk = (1024, 256, 128, 4) if args.quick else (4096, 512, 256, 4)
+    tokens = args.tokens or tokens
     repeat = 3 if args.quick else 5
     x = torch.randn(tokens // 512, 512, dim).to(torch.bfloat16)
 
@@ -94,27 +101,28 @@ def main() -> None:
         torch.testing.assert_close(moe(x).float(), per_expert_loop(moe, x).float(), atol=2e-2, rtol=2e-2)
     # the headline size first, then fewer tokens per call (fewer rows per expert: the loop's
     # per-expert overhead weighs more there)
-    for n in [tokens] + ([] if args.quick else [2048, 1024]):
+    for n in [] if args.scaling_only else [tokens] + ([] if args.quick or args.tokens else [2048, 1024]):
         xn = x.reshape(-1, 512, dim)[: n // 512]
         t = interleaved({"grouped": fwd_bwd(moe, moe, xn),
                          "loop": fwd_bwd(lambda z: per_expert_loop(moe, z), moe, xn)}, repeat=repeat)
         rows.append({"experts": 32, "top_k": topk, "tokens": n, "grouped_ms": t["grouped"] * 1e3,
                      "loop_ms": t["loop"] * 1e3, "speedup": t["loop"] / t["grouped"]})
-    speedup = rows[0]["speedup"]
+    speedup = rows[0]["speedup"] if rows else None
 
     scaling = []
     for e in ([8, 32, 64] if args.quick else [8, 16, 32, 64, 128, 256]):
         m = make_moe(e, topk, dim, inter, groups=4 if e >= 8 else 1)
         tt = interleaved({"grouped": fwd_bwd(m, m, x), "loop": fwd_bwd(lambda z, m=m: per_expert_loop(m, z), m, x)},
                          repeat=repeat)
-        scaling.append({"experts": e, "top_k": topk, "grouped_ms": tt["grouped"] * 1e3, "loop_ms": tt["loop"] * 1e3})
+        scaling.append({"experts": e, "top_k": topk, "tokens": tokens, "grouped_ms": tt["grouped"] * 1e3,
+                        "loop_ms": tt["loop"] * 1e3})
     base = scaling[0]["grouped_ms"]
     for r in scaling:
         r["grouped_vs_fewest"] = r["grouped_ms"] / base
 
     summary = {"grouped_speedup_vs_loop_at_32_experts": speedup, "target": ">= 2x",
-               "speedup_by_tokens": {r["tokens"]: r["speedup"] for r in rows},
-               "grouped_time_ratio_most_vs_fewest_experts": scaling[-1]["grouped_vs_fewest"]}
+               "speedup_by_tokens": {r["tokens"]: r["speedup"] for r in rows}} if rows else {}
+    summary["grouped_time_ratio_most_vs_fewest_experts"] = scaling[-1]["grouped_vs_fewest"]
     notes = [f"MoE layer fwd+bwd, bf16 compute, dim {dim}, expert width {inter}, {tokens} tokens, 1 shared expert.",
              "Scaling rows keep top-k and expert width fixed (same activated parameters) while experts grow.",
              "Loop baseline: one weight tensor per expert (the stack unbound once), in-place index_add; "
@@ -124,11 +132,13 @@ def main() -> None:
              "With moeforge's caching CPU allocator, as the trainer runs (moeforge/runtime.py): from 64 experts on, "
              "the experts' casts and gradients exceed 32 MiB, which glibc would map afresh every call "
              "(allocator.md: 1.59x at 256 experts)."]
-    notes.append("The first rows (32 experts) vary the tokens per call: 4096 is the headline; fewer tokens mean "
-                 "fewer rows per expert (4096 x top-4 / 32 = 512 each, 1024 tokens: 128), where the loop's "
-                 "per-expert overhead weighs more against its GEMMs.")
-    write_results("moe", "MoE layer: grouped dispatch vs per-expert loop", rows + scaling, notes, summary)
-    print(f"grouped dispatch speedup vs per-expert loop: {speedup:.2f}x")
+    if rows:
+        notes.append("The first rows (32 experts) vary the tokens per call: 4096 is the headline; fewer tokens mean "
+                     "fewer rows per expert (4096 x top-4 / 32 = 512 each, 1024 tokens: 128), where the loop's "
+                     "per-expert overhead weighs more against its GEMMs.")
+    write_results(args.name, "MoE layer: grouped dispatch vs per-expert loop", rows + scaling, notes, summary)
+    if rows:
+        print(f"grouped dispatch speedup vs per-expert loop: {speedup:.2f}x")
     for r in scaling:
         print(f"  experts {r['experts']:>4}: grouped {r['grouped_ms']:.1f} ms, loop {r['loop_ms']:.1f} ms")
 
