@@ -539,9 +539,11 @@ def main() -> int:
         return 0 if not args.compare else 1
     if args.control and args.precision != "bf16":
         ap.error("--control trains a second BF16 run: use it with --precision bf16")
-    name = None if args.seed is None else f"{args.precision}_seed{args.seed}"
-    if args.control:
-        name = CONTROL if args.seed is None else f"{CONTROL}_seed{args.seed}"
+    # the preset's own seed given explicitly is the unsuffixed run, where --compare looks for it
+    base = CONTROL if args.control else args.precision
+    name = None if args.seed is None else seed_name(args.seed, base)
+    if args.control and name is None:
+        name = CONTROL
     train_side(args.precision, args.steps, args.micro_batch, args.data_mb, name, args.seed)
     return 0
 

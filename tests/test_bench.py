@@ -2,6 +2,7 @@
 fake clock so nothing here depends on the machine's speed."""
 
 import json
+import sys
 
 import pytest
 
@@ -166,6 +167,22 @@ def test_fp8_training_all_plans_only_the_missing_runs(tmp_path, monkeypatch):
                     "fp8_seed2": ["--precision", "fp8", "--seed", "2"],
                     "bf16_control_seed2": ["--precision", "bf16", "--control", "--seed", "2"]}
 
+
+
+def test_fp8_training_side_named_by_seed_the_preset_seed_unsuffixed(monkeypatch):
+    """--seed N trains run {precision}_seedN, but the preset's own seed given explicitly is the
+    unsuffixed run that --compare reads (session 16 trained fp8norm_seed1234, never compared)."""
+    mod = _bench_script("bench_fp8_training")
+    preset_seed = int(mod._run_train_config("bf16")["seed"])
+    got = []
+    monkeypatch.setattr(mod, "train_side", lambda precision, *a: got.append((precision, a[3], a[4])))
+    for argv in (["--precision", "fp8norm", "--seed", str(preset_seed)], ["--precision", "fp8", "--seed", "7"],
+                 ["--precision", "bf16", "--control", "--seed", str(preset_seed)],
+                 ["--precision", "bf16", "--control", "--seed", "7"], ["--precision", "fp8"]):
+        monkeypatch.setattr(sys, "argv", ["bench_fp8_training.py", *argv])
+        assert mod.main() == 0
+    assert got == [("fp8norm", "fp8norm", preset_seed), ("fp8", "fp8_seed7", 7), ("bf16", "bf16_control", preset_seed),
+                   ("bf16", "bf16_control_seed7", 7), ("fp8", None, None)]
 
 FAKE_SIDE = """
 import argparse, json, os, pathlib
