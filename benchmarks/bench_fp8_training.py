@@ -540,8 +540,10 @@ def main() -> int:
     if args.control and args.precision != "bf16":
         ap.error("--control trains a second BF16 run: use it with --precision bf16")
     # the preset's own seed given explicitly is the unsuffixed run, where --compare looks for it
+    from moeforge.config import load_config
+
     base = CONTROL if args.control else args.precision
-    name = None if args.seed is None else seed_name(args.seed, base)
+    name = None if args.seed in (None, load_config("tiny").train.seed) else f"{base}_seed{args.seed}"
     if args.control and name is None:
         name = CONTROL
     train_side(args.precision, args.steps, args.micro_batch, args.data_mb, name, args.seed)

@@ -169,20 +169,25 @@ def test_fp8_training_all_plans_only_the_missing_runs(tmp_path, monkeypatch):
 
 
 
-def test_fp8_training_side_named_by_seed_the_preset_seed_unsuffixed(monkeypatch):
+def test_fp8_training_side_named_by_seed_the_preset_seed_unsuffixed(tmp_path, monkeypatch):
     """--seed N trains run {precision}_seedN, but the preset's own seed given explicitly is the
-    unsuffixed run that --compare reads (session 16 trained fp8norm_seed1234, never compared)."""
+    unsuffixed run that --compare reads (session 16 trained fp8norm_seed1234, never compared);
+    on a fresh machine, before any run exists."""
+    from moeforge.config import load_config
+
     mod = _bench_script("bench_fp8_training")
-    preset_seed = int(mod._run_train_config("bf16")["seed"])
+    monkeypatch.setattr(mod, "RUN_ROOT", tmp_path)  # empty: no run to read the seed from
+    preset_seed = load_config("tiny").train.seed
     got = []
-    monkeypatch.setattr(mod, "train_side", lambda precision, *a: got.append((precision, a[3], a[4])))
+    # the run directory train_side uses: its name argument, or the precision when that is None
+    monkeypatch.setattr(mod, "train_side", lambda precision, *a: got.append((precision, a[3] or precision, a[4])))
     for argv in (["--precision", "fp8norm", "--seed", str(preset_seed)], ["--precision", "fp8", "--seed", "7"],
                  ["--precision", "bf16", "--control", "--seed", str(preset_seed)],
                  ["--precision", "bf16", "--control", "--seed", "7"], ["--precision", "fp8"]):
         monkeypatch.setattr(sys, "argv", ["bench_fp8_training.py", *argv])
         assert mod.main() == 0
     assert got == [("fp8norm", "fp8norm", preset_seed), ("fp8", "fp8_seed7", 7), ("bf16", "bf16_control", preset_seed),
-                   ("bf16", "bf16_control_seed7", 7), ("fp8", None, None)]
+                   ("bf16", "bf16_control_seed7", 7), ("fp8", "fp8", None)]
 
 FAKE_SIDE = """
 import argparse, json, os, pathlib
