@@ -344,6 +344,20 @@ def _mean_abs(xs) -> float:
     return sum(abs(x) for x in xs) / len(xs)
 
 
+def preset_seed() -> int:
+    """The tiny preset's ``train.seed``: the seed of the unsuffixed runs."""
+    from moeforge.config import load_config
+
+    return load_config("tiny").train.seed
+
+
+def run_name(base: str, seed: int | None) -> str:
+    """The run a training of ``base`` (bf16, fp8, bf16_control, a LEAN variant) from ``seed``
+    goes to: ``base`` for the preset's own seed (given or not), where --compare looks for
+    it, else ``{base}_seed{N}``. From the preset, so it works before any run exists."""
+    return base if seed in (None, preset_seed()) else f"{base}_seed{seed}"
+
+
 def seed_name(seed: int, base: str) -> str:
     """The run directory of ``base`` (bf16, fp8, bf16_control) for ``seed``."""
     return base if seed == int(_run_train_config("bf16")["seed"]) else f"{base}_seed{seed}"
@@ -434,13 +448,10 @@ def plot(sides: dict, rel: float, control=None, seeds: dict | None = None, stem:
 def planned_runs(seeds: list[int], steps: int) -> list[tuple[str, list[str]]]:
     """(run name, its arguments) of each run ``--all`` needs that has not logged ``steps``
     steps yet: BF16, FP8 and the BF16 control, for the preset's seed and each of ``seeds``."""
-    from moeforge.config import load_config
-
-    main_seed = load_config("tiny").train.seed
     out = []
-    for seed in [None, *(x for x in dict.fromkeys(seeds) if x != main_seed)]:
+    for seed in [None, *(x for x in dict.fromkeys(seeds) if x != preset_seed())]:
         for precision, control in (("bf16", False), ("fp8", False), ("bf16", True)):
-            name = (CONTROL if control else precision) + ("" if seed is None else f"_seed{seed}")
+            name = run_name(CONTROL if control else precision, seed)
             done = (RUN_ROOT / name / "metrics.jsonl").is_file() and curve(name)[0][-1:] >= [steps]
             if not done:
                 out.append((name, ["--precision", precision, *(["--control"] if control else []),
@@ -539,13 +550,7 @@ def main() -> int:
         return 0 if not args.compare else 1
     if args.control and args.precision != "bf16":
         ap.error("--control trains a second BF16 run: use it with --precision bf16")
-    # the preset's own seed given explicitly is the unsuffixed run, where --compare looks for it
-    from moeforge.config import load_config
-
-    base = CONTROL if args.control else args.precision
-    name = None if args.seed in (None, load_config("tiny").train.seed) else f"{base}_seed{args.seed}"
-    if args.control and name is None:
-        name = CONTROL
+    name = run_name(CONTROL if args.control else args.precision, args.seed)
     train_side(args.precision, args.steps, args.micro_batch, args.data_mb, name, args.seed)
     return 0
 
