@@ -168,7 +168,9 @@ class TrainConfig:
     mtp_lambda_late: float = 0.1
     bias_freeze_at: float = 1.0
     # precision and determinism
-    dtype: str = "bf16"  # compute dtype: "bf16" | "fp32"; master weights are always fp32
+    # compute dtype: "auto" (bf16 on CUDA and on CPUs with a fast bf16 GEMM, else fp32; see
+    # moeforge/precision.py) | "bf16" | "fp32"; master weights are always fp32
+    dtype: str = "auto"
     seed: int = 1234
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -205,7 +207,7 @@ class TrainConfig:
         require(0 <= self.decay_start <= self.decay_end <= 1,
                 f"train.decay_start={self.decay_start} and train.decay_end={self.decay_end} must satisfy 0 <= start <= end <= 1")
         require(self.tail_lr_ratio > 0, f"train.tail_lr_ratio must be > 0, got {self.tail_lr_ratio}")
-        require(self.dtype in ("bf16", "fp32"), f"train.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        require(self.dtype in ("auto", "bf16", "fp32"), f"train.dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         require(self.device in ("auto", "cpu", "cuda"), f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("mtp_lambda_late_at", "bias_freeze_at"):
             require(0 <= getattr(self, name) <= 1, f"train.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -17,8 +17,9 @@ Choices:
   written to a temporary name and renamed, so concurrent ranks do not race. The CPU is
   part of the key because ``-march=native`` code must not run on another CPU (SIGILL).
 - Optional: with no C compiler, a failed build, or the library's environment switch set
-  to 0, :meth:`NativeLibrary.get` returns None (one warning) and callers use their torch
-  path, which is also the reference the tests compare the kernels with.
+  to 0, :meth:`NativeLibrary.get` returns None and callers use their torch path, which is
+  also the reference the tests compare the kernels with. A missing compiler is said in one
+  line per process, not once per kernel file; any other failure in one line per file.
 - Threads: kernels use OpenMP and link ``libgomp.so.1``, the runtime torch's CPU wheel
   has already loaded, so they run on torch's own worker threads (pthreads of our own
   competed with torch's spinning idle workers for the cores).
@@ -33,13 +34,27 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Callable
 
 INCLUDE_DIR = Path(__file__).with_name("csrc")  # headers shared by the kernels (part of the build key)
 BASE_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC", "-fopenmp"]
+
+
+class CompilerMissing(RuntimeError):
+    """No C/C++ compiler to build the kernels with (none on PATH, or CC/CXX names a missing program)."""
+
+
+_told: set[str] = set()
+
+
+def tell_once(key: str, message: str) -> None:
+    """Print ``message`` as one line on stderr, the first time ``key`` comes up in this process."""
+    if key not in _told:
+        _told.add(key)
+        print(f"[moeforge] {message}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -75,8 +90,8 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL:
         cc = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     else:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError(f"no {'C++' if cxx else 'C'} compiler on PATH")
+    if cc is None or shutil.which(cc) is None:
+        raise CompilerMissing(f"no {'C++' if cxx else 'C'} compiler on PATH" if cc is None else f"compiler {cc} not found")
     flags = [*flags, f"-I{INCLUDE_DIR}"]
     src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(INCLUDE_DIR.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), cpu_id()]).encode()).hexdigest()[:16]
@@ -123,8 +138,11 @@ class NativeLibrary:
                 lib = build(self.source, self.flags)
                 self.configure(lib)
                 self._lib = lib
+            except CompilerMissing as e:
+                tell_once("compiler", f"{e}: moeforge's C kernels are off, every op runs on its torch path "
+                          "(same results, slower on CPU)")
             except (OSError, RuntimeError, AttributeError) as e:
-                warnings.warn(f"moeforge {self.what} unavailable, using the slower torch path: {e}", stacklevel=3)
+                tell_once(self.what, f"{self.what} unavailable, using the slower torch path: {e}")
         return self._lib
 
     @contextlib.contextmanager

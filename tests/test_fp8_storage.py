@@ -166,8 +166,8 @@ def test_convert_narrows_the_residual_norms_and_mla_only_when_asked():
 
 
 def test_tiny_model_saves_less_and_trains_like_fp8():
-    """A whole tiny step saves less, and 20 steps on one batch start like plain FP8's and
-    keep falling."""
+    """A whole tiny step saves less, its first loss is plain FP8's up to the latents'
+    rounding, and 20 steps on one batch keep falling as plain FP8's do."""
     cfg = load_config("tiny").model
     tok = torch.randint(0, cfg.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
@@ -189,11 +189,16 @@ def test_tiny_model_saves_less_and_trains_like_fp8():
         runs.append((losses, saved_bytes))
     (ref, ref_bytes), (got, got_bytes) = runs
     assert got_bytes < 0.95 * ref_bytes, (got_bytes, ref_bytes)  # (the logits F.cross_entropy keeps are most of it)
-    assert got[0] == pytest.approx(ref[0], rel=1e-4)  # forward: only the latents' rounding differs
-    # memorising one batch at this rate is chaotic after a few steps (the two curves then
-    # differ by up to ~15% at a given step), so only the first steps are compared
-    assert max(abs(a - b) / b for a, b in zip(got[:4], ref[:4])) < 0.01
-    assert got[-1] < 0.15 * got[0]
+    # The first forward differs only by MLA's latents rounded to E4M3: a zero-mean relative
+    # error of at most 2^-4 per element, averaged by the up-projections over the latent width
+    # (K = 64..96, so ~2^-7 per q/k/v element) and by the loss over 256 tokens (~2^-11 in
+    # the mean). Bound 2^-9, 4x that estimate (measured 1e-5 to 3.3e-4 across GEMM dtypes
+    # and CPU classes).
+    assert got[0] == pytest.approx(ref[0], rel=2**-9)
+    # After that, memorising one batch at this rate is chaotic: from the third step on the
+    # curves of *any* two numerically different runs part by 1-25% (bf16 vs fp32 GEMMs,
+    # AVX-512 vs AVX2 kernels alike), so the claim is that both fall as far.
+    assert got[-1] < 0.15 * got[0] and ref[-1] < 0.15 * ref[0]
 
 
 def test_down_projection_rebuilds_the_swiglu_output_from_its_e4m3_inputs():

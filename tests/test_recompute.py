@@ -97,7 +97,8 @@ def _step_grads(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Ten
 def test_model_gradients_unchanged_by_recompute(monkeypatch):
     """The whole tiny model in bf16: every parameter gradient is bit-identical with and
     without recomputation (the routed experts' fused FFN aside: it reorders a product, so
-    it is compared within bf16 rounding), and the recomputing model saves far fewer bytes."""
+    its gradients are only as accurate as bf16 allows: it is held to the plain graph's
+    accuracy against an fp32 reference), and the recomputing model saves far fewer bytes."""
     from moeforge.model.moe import GroupedExperts
 
     cfg = load_config("tiny", {"model.n_layers": 2}).model
@@ -120,8 +121,17 @@ def test_model_gradients_unchanged_by_recompute(monkeypatch):
     plain, plain_bytes = _step_grads(model, tokens), saved_bytes()
     assert lean.keys() == plain.keys() == unfused.keys()
     assert all(torch.equal(unfused[k], plain[k]) for k in plain), [k for k in plain if not torch.equal(unfused[k], plain[k])]
-    for k in plain:  # the fused expert FFN: the same gradients up to bf16 rounding
-        assert (lean[k].float() - plain[k].float()).norm() <= 0.02 * plain[k].float().norm() + 1e-6, k
+    # Against the same step in fp32 the plain graph's gradients carry bf16's rounding (1-2%
+    # relative here). A bound relative to the gradient itself fails where a gradient is a
+    # sum that cancels (a norm weight's: 4% on an AVX2 CPU), because rounding errors scale
+    # with the terms, not with their sum. So the fused FFN must be as accurate as the plain
+    # graph: its distance to fp32 at most 1.25x the plain graph's (measured <= 1.04x on both
+    # CPU classes; a wrong gradient is off by far more).
+    model.set_compute_dtype(torch.float32)
+    exact = _step_grads(model, tokens)
+    for k in plain:
+        err_lean, err_plain = ((g[k].float() - exact[k]).norm() for g in (lean, plain))
+        assert err_lean <= 1.25 * err_plain, (k, err_lean, err_plain)
     assert lean_bytes < 0.6 * plain_bytes, (lean_bytes, plain_bytes)
 
 

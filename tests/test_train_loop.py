@@ -207,12 +207,31 @@ def test_mfu_uses_the_best_gemm_rate_seen(tmp_path, monkeypatch):
     """The GEMM peak is measured again at each log point and the best kept: a slow first
     measurement (a busy host) must not inflate every later MFU figure."""
     import moeforge.train.loop as loop
+    import moeforge.train.metrics as metrics
 
-    rates = iter([1e9, 4e9, 2e9, 3e9, 5e9] + [5e9] * 100)  # start-up, then one per log point
-    monkeypatch.setattr(loop, "measure_peak_flops", lambda *a, **k: next(rates))
+    # far above what this tiny model reaches, so no figure is raised to the step's own rate
+    rates = iter([1e14, 4e14, 2e14, 3e14, 5e14] + [5e14] * 100)  # start-up, then one per log point
+    for mod in (loop, metrics):  # start-up measures through metrics.gemm_peak_flops
+        monkeypatch.setattr(mod, "measure_peak_flops", lambda *a, **k: next(rates))
     cfg = small_config(tmp_path, train__steps=8, train__log_every=2)
     run = pretrain(cfg, datasets=mem_datasets())
     recs = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "train"]
     peaks = [r["flops_per_s"] / r["mfu"] for r in recs]
-    assert peaks == pytest.approx([4e9, 4e9, 4e9, 5e9, 5e9][: len(peaks)], rel=1e-6)
+    assert peaks == pytest.approx([4e14, 4e14, 4e14, 5e14, 5e14][: len(peaks)], rel=1e-6)
     assert [r["peak_flops"] for r in recs] == pytest.approx(peaks, rel=1e-6)
+
+
+def test_mfu_never_above_100_percent_with_a_too_low_measured_peak(tmp_path, monkeypatch):
+    """A peak measured far too low (a busy host, or the wrong dtype: bf16 on an AVX2 CPU once
+    gave "MFU 405%") cannot push MFU over 100%: the step's own rate bounds the peak from below."""
+    import moeforge.train.loop as loop
+    import moeforge.train.metrics as metrics
+
+    for mod in (loop, metrics):
+        monkeypatch.setattr(mod, "measure_peak_flops", lambda *a, **k: 1.0)  # 1 FLOP/s
+    cfg = small_config(tmp_path, train__steps=4, train__log_every=1)
+    res = run_pretrain(cfg, datasets=mem_datasets())
+    recs = [r for r in read_records(res.run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(recs) == 4 and all(0 < r["mfu"] <= 1.0 for r in recs)
+    assert all(r["peak_flops"] >= r["flops_per_s"] for r in recs)
+    assert 0 < res.summary["mfu"] <= 1.0

@@ -18,7 +18,9 @@ class Fp8Config:
     block_size: int = 128  # tile width along K (activations 1xB, weights BxB)
     power_of_2_scales: bool = False  # round scales up to 2^k (the "ue8m0" format)
     backend: str = "auto"  # "auto" (triton on CUDA, emulated on CPU) | "emulated" | "triton"
-    cpu_gemm_dtype: str = "bf16"  # dtype of the dequantized CPU GEMM: "bf16" (AMX) | "fp32"
+    # dtype of the dequantized CPU GEMM: "auto" (bf16 where this CPU has a fast bf16 GEMM, else
+    # fp32; moeforge/precision.py) | "bf16" | "fp32"
+    cpu_gemm_dtype: str = "auto"
     eps: float = 1e-12  # amax floor: s = max(amax, eps) / 448 (tiny: gradients are tiny)
     cache_swiglu: bool = True  # save the SwiGLU inputs for backward in E4M3 (1x128), as V3 does
     # beyond V3 (off by default): save the inputs of the RMSNorms, i.e. the residual stream and
@@ -33,6 +35,6 @@ class Fp8Config:
         _require(self.block_size > 0, f"fp8.block_size must be > 0, got {self.block_size}")
         _require(self.backend in ("auto", "emulated", "triton"),
                  f"fp8.backend must be one of auto, emulated, triton; got {self.backend!r}")
-        _require(self.cpu_gemm_dtype in ("bf16", "fp32"),
-                 f"fp8.cpu_gemm_dtype must be 'bf16' or 'fp32', got {self.cpu_gemm_dtype!r}")
+        _require(self.cpu_gemm_dtype in ("auto", "bf16", "fp32"),
+                 f"fp8.cpu_gemm_dtype must be 'auto', 'bf16' or 'fp32', got {self.cpu_gemm_dtype!r}")
         _require(self.eps > 0, f"fp8.eps must be > 0, got {self.eps}")

@@ -53,6 +53,7 @@ from moeforge.fp8 import gemm as emulated_gemm
 from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 from moeforge.model import recompute, weight_cache
+from moeforge.precision import resolve
 from moeforge.model.expert_ffn import Weight, gather_rows, parts, repad_rows, split_grad, stacked_form, stacked_shape
 
 
@@ -72,7 +73,7 @@ class Fp8Ops:
         if cfg.backend == "triton" and not on_cuda:
             raise RuntimeError("fp8.backend = 'triton' needs CUDA tensors; use 'auto' or 'emulated' on CPU")
         return cls(cfg.block_size, cfg.eps, cfg.power_of_2_scales,
-                   torch.bfloat16 if cfg.cpu_gemm_dtype == "bf16" else torch.float32,
+                   resolve(cfg.cpu_gemm_dtype, "cpu", "fp8.cpu_gemm_dtype").dtype,
                    on_cuda and cfg.backend in ("auto", "triton"))
 
     def _block(self, tile: str) -> tuple[int, int]:

@@ -57,14 +57,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from moeforge import precision
 from moeforge.config import Config
 from moeforge.errors import UserError
 from moeforge.parallel import ParallelMesh, update_balancing_bias
 from moeforge.parallel.data import grad_sync
 from moeforge.train import checkpoint as ckpt
 from moeforge.train import distributed
-from moeforge.train.metrics import (Metrics, format_train, max_violation, measure_peak_flops, memory_bytes,
-                                    plot_run, train_flops_per_token)
+from moeforge.train.metrics import (Metrics, format_train, gemm_peak_flops, max_violation, measure_peak_flops,
+                                    memory_bytes, plot_run, train_flops_per_token, utilisation)
 from moeforge.train.optim import AdamW, lr_at, micro_batches_at
 
 
@@ -220,12 +221,13 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
     start_step = step
     model.train()
     params = [p for _, p in opt.params]
-    compute_dtype = torch.bfloat16 if tc.dtype == "bf16" else torch.float32
+    dtypes = precision.record(cfg, device)  # what the step computes in, and why (printed once)
+    gemm_dtypes = [precision.DTYPES[v] for k, v in dtypes.items() if k in ("train.dtype", "fp8.cpu_gemm_dtype")]
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
-    peak = measure_peak_flops(compute_dtype, device)
+    peak, peak_dtype = gemm_peak_flops(gemm_dtypes, device)
     metrics = Metrics(run_dir, tc.steps, start_step, tc.progress) if distributed.is_main() else _Silent()
     metrics.write({"kind": "info", "step": step, "resumed_from": str(resume) if resume else None,
-                   "flops_per_token": flops_per_token, "peak_flops": peak, "device": str(device)})
+                   "flops_per_token": flops_per_token, "peak_flops": peak, "device": str(device), **dtypes})
     bad: list[int] = []  # consecutive non-finite steps
     last_ckpt: Path | None = None
     interval = {"tokens": 0, "time": 0.0, "counts": None}
@@ -289,9 +291,10 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
                     # the GEMM rate again (~3 ms), keeping the best seen: measured once at start-up
                     # on a busy shared host it once read 418 GFLOP/s where ~1100 was usual, and
                     # that run's logged MFU came out nearly 2x too high
-                    peak = max(peak, measure_peak_flops(compute_dtype, device, reps=2))
+                    peak = max(peak, measure_peak_flops(peak_dtype, device, reps=2))
+                    mfu, peak = utilisation(tps * flops_per_token, peak)
                     rec.update(kind="train", step=step, tokens=tokens, lr=opt.lr, micro_batches=n_micro, tokens_per_s=tps,
-                               flops_per_s=tps * flops_per_token, mfu=tps * flops_per_token / peak, peak_flops=peak,
+                               flops_per_s=tps * flops_per_token, mfu=mfu, peak_flops=peak,
                                memory_mb=memory_bytes(device) / 2**20, elapsed_s=time.perf_counter() - t_run)
                     if counts is not None:
                         vio = max_violation(counts)
@@ -321,6 +324,6 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
     summary = {"steps": step - start_step, "first_loss": history[0] if history else None,
                "last_loss": history[-1] if history else None, "tokens": tokens,
                "tokens_per_s": run["tokens"] / max(run["time"], 1e-9),
-               "mfu": run["tokens"] / max(run["time"], 1e-9) * flops_per_token / peak,
+               "mfu": utilisation(run["tokens"] / max(run["time"], 1e-9) * flops_per_token, peak)[0], **dtypes,
                "elapsed_s": time.perf_counter() - t_run}
     return TrainResult(run_dir=run_dir, step=step, status=status, checkpoint=last_ckpt, summary=summary)

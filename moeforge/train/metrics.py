@@ -121,9 +121,27 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, 
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:  # the first call warms up
-            best = min(best, time.perf_counter() - t)
+        dt = time.perf_counter() - t
+        if i or dt > 0.25:  # the first call warms up, unless the dtype is this slow (bf16 on
+            best = min(best, dt)  # AVX2 takes seconds): then one call tells enough
+        if best > 0.25:
+            break
     return 2 * n ** 3 / best
+
+
+def gemm_peak_flops(dtypes, device: torch.device) -> tuple[float, torch.dtype]:
+    """(peak, its dtype): the best GEMM rate over the dtypes the step's GEMMs run in (the
+    compute dtype, and the emulated FP8 GEMM's on CPU), so MFU is not measured against a
+    slower dtype than the one really used (bf16 on an AVX2 CPU once gave "MFU 405%")."""
+    return max(((measure_peak_flops(dt, device), dt) for dt in set(dtypes)), key=lambda r: r[0])
+
+
+def utilisation(flops_per_s: float, peak: float) -> tuple[float, float]:
+    """(MFU, peak used). A measured peak below the step's own rate is wrong (a busy host slowed
+    the short measurement): the step's rate is then the best lower bound of the real peak, so
+    MFU reads 100% at most, never more."""
+    peak = max(peak, flops_per_s)
+    return flops_per_s / max(peak, 1e-30), peak
 
 
 def max_violation(counts: torch.Tensor) -> torch.Tensor:

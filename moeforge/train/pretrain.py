@@ -36,6 +36,7 @@ import torch
 
 from moeforge.config import Config
 from moeforge.errors import UserError
+from moeforge.precision import compute_dtype
 from moeforge.train import checkpoint as ckpt
 from moeforge.train import distributed
 from moeforge.train.losses import lm_loss, token_ce
@@ -134,7 +135,7 @@ def build_model(cfg: Config, device: torch.device, mesh=None):
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
-    model.set_compute_dtype(torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+    model.set_compute_dtype(compute_dtype(cfg, device))
     if cfg.fp8.enabled:
         from moeforge.fp8 import convert  # lazy: the trainer works without the FP8 package
 

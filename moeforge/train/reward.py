@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeforge.config import Config
+from moeforge.precision import compute_dtype
 from moeforge.train.post_common import (PairStage, add_moe_parts, build_from, encode_answer, encode_pairs,
                                         encode_prompt, load_tokenizer_for, load_weights, open_run, pad_rows,
                                         pairs_source, prepare_post, run_post_stage, saved_config, split_holdout,
@@ -173,7 +174,7 @@ def load_reward_model(path: str | Path, device) -> RewardModel:
     cfg = load_config(None, {f"{sec}.{k}": v for sec in ("model", "train", "reward")
                              for k, v in saved.get(sec, {}).items()})
     lm = Transformer(cfg.model).drop_mtp()
-    lm.set_compute_dtype(torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32)
+    lm.set_compute_dtype(compute_dtype(cfg, device))
     model = RewardModel(lm, cfg.reward.criteria_weights)
     load_weights(model, step)
     model.use_criteria = cfg.reward.use_criteria
