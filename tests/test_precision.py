@@ -28,6 +28,8 @@ def fresh(tmp_path, monkeypatch):
     """An empty measurement cache, no choice made yet in this process, a CPU with bf16 flags
     (so the decision goes through the measurement), and a counter of measurements."""
     monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path / "cache"))
+    for switch in precision.ISA_SWITCHES:  # as on an uncapped host (CI reruns these under the AVX2 cap)
+        monkeypatch.delenv(switch, raising=False)
     monkeypatch.setattr(precision, "_choices", {})
     monkeypatch.setattr(precision, "_printed", set())
     monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})

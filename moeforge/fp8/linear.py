@@ -54,7 +54,7 @@ from moeforge.fp8.config import Fp8Config
 from moeforge.fp8.quant import Fp8Tensor, quantize, quantize_many
 from moeforge.model import recompute, weight_cache
 from moeforge.precision import resolve
-from moeforge.model.expert_ffn import Weight, gather_rows, parts, repad_rows, split_grad, stacked_form, stacked_shape
+from moeforge.model.expert_ffn import Weight, gather_rows, grouped_mm, parts, repad_rows, split_grad, stacked_form, stacked_shape
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,8 @@ class Fp8Ops:
             return torch.cat([self.gemm(_rows(a, s, e), _expert(b, g), out_dtype)
                               for g, (s, e) in enumerate(_bounds(counts))])
         cd = self.compute_dtype
-        offs = torch.tensor(counts, device=a.data.device).cumsum(0).to(torch.int32)
         b_op = b.dequantize(cd).t() if k_grouped else b.dequantize(cd).transpose(-2, -1)
-        return torch._grouped_mm(a.dequantize(cd), b_op, offs=offs).to(out_dtype)
+        return grouped_mm(a.dequantize(cd), b_op, counts).to(out_dtype)
 
 
 def _bounds(counts: list[int]) -> list[tuple[int, int]]:

@@ -106,6 +106,21 @@ def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 
 
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``torch._grouped_mm`` with groups of ``counts`` rows: M-grouped (``a [T, K]``, ``b [G, K, N]``
+    -> ``[T, N]``) or K-grouped (``a [M, T]``, ``b [T, N]`` -> ``[G, M, N]``).
+
+    Under torch.compile in fp32 (the default dtype on CPUs without fast bf16) it is one mm
+    per group: the meta kernel the compiler traces ``_grouped_mm`` with accepts bf16 only,
+    and a failed trace of an fp32 one once corrupted the heap."""
+    if not (torch.compiler.is_compiling() and a.dtype != torch.bfloat16):
+        return torch._grouped_mm(a, b, offs=_offsets(counts, a.device))
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    if b.dim() == 3:
+        return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(bounds, bounds[1:]))])
+    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(bounds, bounds[1:])])
+
+
 Weight = torch.Tensor | tuple[torch.Tensor, ...]  # [E, out, in], or parts stacked along out
 
 
@@ -178,17 +193,16 @@ class GroupedGemm:
         return stacked_form(w, ("cast", dtype), lambda ps: _stacked_cast(ps, dtype))
 
     def forward(self, x: torch.Tensor, w: Weight, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch._grouped_mm(x, self._form(w, x.dtype).transpose(-2, -1), offs=_offsets(counts, x.device))
+        return grouped_mm(x, self._form(w, x.dtype).transpose(-2, -1), counts)
 
     def wgrad_input(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return x
 
     def grads(self, dy: torch.Tensor, x: torch.Tensor | None, w: Weight, counts: list[int],
               need_dx: bool, need_dw: bool):
-        offs = _offsets(counts, dy.device)
-        dx = torch._grouped_mm(dy, self._form(w, dy.dtype), offs=offs) if need_dx else None
+        dx = grouped_mm(dy, self._form(w, dy.dtype), counts) if need_dx else None
         # K-grouped over tokens: [out, T] x [T, in] -> [E, out, in], W's own layout
-        dw = split_grad(torch._grouped_mm(dy.t(), x, offs=offs), w) if need_dw else None
+        dw = split_grad(grouped_mm(dy.t(), x, counts), w) if need_dw else None
         return dx, dw
 
 
