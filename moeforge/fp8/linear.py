@@ -307,6 +307,9 @@ class Fp8GroupedGemm:
         self.block = (1, cfg.block_size)
         self.row_bucket = cfg.block_size  # CPU pads each expert's rows to whole Wgrad tiles up front
 
+    def row_bucket_for(self, dtype: torch.dtype) -> int:
+        return self.row_bucket  # whatever the GEMM dtype: a 128-row Wgrad tile must not straddle experts
+
     def _ops(self, t: torch.Tensor) -> Fp8Ops:
         return Fp8Ops.for_device(self.cfg, t.device)
 

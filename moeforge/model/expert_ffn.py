@@ -164,7 +164,13 @@ class GroupedGemm:
     weight's cast comes from ``weight_cache`` (made once per optimizer step), so backward
     saves the master, not a cast copy."""
 
-    row_bucket = 64  # rows per expert padded to a multiple of this on CPU (GroupedExperts)
+    row_bucket = 64  # rows per expert padded to a multiple of this on CPU for bf16 GEMMs (GroupedExperts)
+
+    def row_bucket_for(self, dtype: torch.dtype) -> int:
+        """The padding bucket for GEMMs in ``dtype``: oneDNN compiles a bf16 kernel per shape
+        (hence buckets, see GroupedExperts); fp32 GEMMs (MKL, no per-shape kernels) ran no
+        faster padded, so their rows stay as they are (1: no padding)."""
+        return self.row_bucket if dtype == torch.bfloat16 else 1
 
     def input(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])

@@ -132,7 +132,9 @@ class GroupedExperts(nn.Module):
     backward GEMMs ran ~10x slower in the model than the same GEMMs repeated alone
     (measured on the small preset). With buckets the shapes repeat and the zero rows cost
     at most bucket - 1 rows per expert; zero rows give zero outputs and add nothing to
-    the weight gradients. The bucket is the GEMM ops' ``row_bucket``: 64 for bf16 (128
+    the weight gradients. fp32 GEMMs (MKL) compile nothing per shape, and padding them made a
+    ``small`` fp32 step 3-10% slower (8 and 4 sequences), so they run unpadded. The bucket
+    is the GEMM ops' ``row_bucket_for(dtype)``: 64 for bf16 (128
     padded the small preset's ~256-row experts by 22-31%; 64 measured 3-4.5% faster per
     step, 32 no faster than 128), the FP8 block size (128) under FP8, whose 128-row Wgrad
     tiles must not straddle experts. ``row_bucket`` set on the module overrides it (tests).
@@ -140,7 +142,7 @@ class GroupedExperts(nn.Module):
     most half the mean, so padding stays a modest fraction of the work.
     """
 
-    row_bucket: int | None = None  # None: ``self.gemm.row_bucket``
+    row_bucket: int | None = None  # None: ``self.gemm.row_bucket_for(dtype)``
     fused_ffn = True  # False: the ordinary graph for plain tensors too (the reference in tests, A/B)
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -151,11 +153,12 @@ class GroupedExperts(nn.Module):
         self.gemm = GroupedGemm()
         self.swiglu_fp8 = None  # an Fp8Config: cache the SwiGLU inputs in FP8 (set by fp8.convert)
 
-    def padded_counts(self, counts: list[int], device: torch.device) -> list[int]:
-        """Rows per expert the GEMMs run on (see the class doc; unpadded off CPU)."""
-        if device.type != "cpu":
+    def padded_counts(self, counts: list[int], device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[int]:
+        """Rows per expert the GEMMs run on (see the class doc; unpadded off CPU, and for
+        GEMMs in a dtype whose kernels are not compiled per shape)."""
+        bucket = self.row_bucket or self.gemm.row_bucket_for(dtype)
+        if device.type != "cpu" or bucket <= 1:
             return list(counts)
-        bucket = self.row_bucket or self.gemm.row_bucket
         while bucket > 16 and bucket > sum(counts) / (2 * len(counts)):  # few tokens per expert: finer buckets
             bucket //= 2
         return [-(-c // bucket) * bucket for c in counts]
@@ -171,7 +174,7 @@ class GroupedExperts(nn.Module):
             gate = x.new_ones(rows, dtype=torch.float32)
         if rows == 0:
             return x.new_zeros(0, self.w2.shape[1])
-        padded = self.padded_counts(counts, x.device)
+        padded = self.padded_counts(counts, x.device, x.dtype)
         lean = self.fused_ffn and not torch.compiler.is_compiling()
         if lean and recompute.is_plain(x, gate, self.w1, self.w2, self.w3):
             return expert_ffn(x, gate, self.w1, self.w2, self.w3, counts, padded, self.gemm, token)
