@@ -93,6 +93,7 @@ def run_config(precision: str, steps: int, micro_batch: int, data_mb: float, nam
                  "train.eval_batches": 2 * load_config("tiny").train.eval_batches}
     return load_config("tiny", {**split, "data.builtin_mb": data_mb, "data.data_dir": str(ROOT / "data_cache" / f"fp8_training_{data_mb:g}mb"),
         "fp8.enabled": precision.startswith("fp8"), **LEAN.get(precision, ({}, ""))[0],
+        "train.dtype": "bf16", "fp8.cpu_gemm_dtype": "bf16",  # the protocol is FP8 against BF16 on any CPU
         "train.steps": steps, "train.micro_batch_size": micro_batch,
         "train.warmup_steps": 100, "train.log_every": 1, "train.eval_every": 250, "train.ckpt_every": 250,
         "train.out_dir": str(RUN_ROOT), "train.run_name": name or precision, "train.progress": False, **split,

@@ -2,17 +2,18 @@
 
 For a preset (``small`` by default, ``tiny`` with --quick) this times the trainer's own
 step (``build_model`` as the trainer builds it, ``lm_loss``, backward, moeforge's AdamW)
-side by side, interleaved, in several variants:
+side by side, interleaved, in several variants of this CPU's compute dtype D (what
+``train.dtype = "auto"`` picks: bf16 on a bf16-capable CPU, fp32 on an AVX2-class one):
 
-  bf16          FP32 master weights, bf16 compute (the default recipe)
-  fp32          FP32 everything
-  fp8           bf16 + fine-grained FP8 Linears (emulated blockwise GEMMs on CPU)
-  bf16+compile  torch.compile of the model (CPU inductor)
-  bf16+ckpt     activation checkpointing per block
+  D             FP32 master weights, D compute (the default recipe here)
+  fp32          FP32 everything (when D is bf16)
+  fp8           D + fine-grained FP8 Linears (emulated blockwise GEMMs in D on CPU)
+  D+compile     torch.compile of the model (CPU inductor)
+  D+ckpt        activation checkpointing per block
 
 It reports tokens/s, model FLOP/s (counted analytically for MLA and the activated MoE
 parameters, forward + backward, ``train.metrics.train_flops_per_token``) divided by the
-bf16 GEMM peak measured in the same run (MFU), and the bytes saved for backward per step
+D GEMM peak measured in the same run (MFU), and the bytes saved for backward per step
 (activation memory, measured with saved-tensor hooks; parameters excluded) and the peak
 memory of a step: each variant runs alone in a fresh process (``--peak-of``); after a
 first step (which creates the optimizer state) the kernel's peak-RSS mark is reset and
@@ -31,21 +32,25 @@ import sys
 
 import torch
 
-from moeforge.bench import FP8_STORAGE_VARIANTS, interleaved, machine_peak_flops, train_step, write_results
+from moeforge.bench import (FP8_STORAGE_VARIANTS, class_suffix, interleaved, machine_peak_flops, train_step,
+                            write_results)
 from moeforge.config import load_config
 from moeforge.model import weight_cache
+from moeforge.precision import DTYPES, machine_choice
 from moeforge.train.metrics import train_flops_per_token
 
+BASE = machine_choice("cpu").name  # D: "bf16" on a bf16-capable CPU, else "fp32"
+_D = {"train.dtype": BASE, "fp8.cpu_gemm_dtype": BASE}
 VARIANTS = {
-    "bf16": {},
-    "fp32": {"train.dtype": "fp32"},
-    "fp8": {"fp8.enabled": True},
-    "bf16+compile": {"train.compile": True},
-    "bf16+ckpt": {"train.activation_checkpointing": True},
-    "fp8+ckpt": {"fp8.enabled": True, "train.activation_checkpointing": True},
+    BASE: _D,
+    **({"fp32": {"train.dtype": "fp32"}} if BASE != "fp32" else {}),
+    "fp8": {**_D, "fp8.enabled": True},
+    f"{BASE}+compile": {**_D, "train.compile": True},
+    f"{BASE}+ckpt": {**_D, "train.activation_checkpointing": True},
+    "fp8+ckpt": {**_D, "fp8.enabled": True, "train.activation_checkpointing": True},
     # FP8 with both opt-in storage switches (the residual stream and MLA latents in E4M3, the
     # MLPs' SwiGLU output rebuilt): does the smaller saved set lower the step's peak too?
-    "fp8lean": FP8_STORAGE_VARIANTS["fp8lean"],
+    "fp8lean": {**FP8_STORAGE_VARIANTS["fp8lean"], **_D},
 }
 
 
@@ -126,10 +131,10 @@ def gemm_share(step) -> float:
 
 
 def peak_probe(threads: int):
-    """The square bf16 GEMM the peak is defined by, timed in the same alternation as the
+    """The square GEMM in D the peak is defined by, timed in the same alternation as the
     steps: the host's speed drifts by tens of percent within minutes, and a peak measured
     once, before or after, made MFU move with it."""
-    a = torch.randn(PROBE_N, PROBE_N, dtype=torch.bfloat16)
+    a = torch.randn(PROBE_N, PROBE_N, dtype=DTYPES[BASE])
 
     def run():
         n = torch.get_num_threads()
@@ -167,7 +172,7 @@ def main() -> None:
         for _ in range(WARMUP[args.quick]):  # compile, oneDNN kernels, the C heap (see WARMUP)
             steps[name]()
     shares = {name: gemm_share(steps[name]) for name in args.variants if "compile" not in name}
-    _, peak_threads = machine_peak_flops(torch.bfloat16)  # which thread count reaches the peak
+    _, peak_threads = machine_peak_flops(DTYPES[BASE])  # which thread count reaches the peak
     samples: dict[str, list[float]] = {}
     t = interleaved({**steps, PROBE: peak_probe(peak_threads)}, repeat=3 if args.quick else 5, samples=samples)
     peak = 2 * PROBE_N**3 * PROBE_REPEAT / t.pop(PROBE)
@@ -180,26 +185,27 @@ def main() -> None:
     for name in args.variants:
         tok_s = b * s / t[name]
         rows.append({"variant": name, "step_s": t[name], "tokens_per_s": tok_s, "model_tflops": tok_s * fpt / 1e12,
-                     "mfu_vs_bf16_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
+                     f"mfu_vs_{BASE}_peak": tok_s * fpt / peak, "saved_for_backward_mb": mems[name] / 2**20,
                      "peak_step_mb": peaks[name]["peak_step_mb"], "weight_forms_mb": peaks[name]["weight_forms_mb"],
-                     "time_vs_bf16": t[name] / t["bf16"] if "bf16" in t else float("nan"),
+                     f"time_vs_{BASE}": t[name] / t[BASE] if BASE in t else float("nan"),
                      "gemm_share": shares.get(name, float("nan"))})
-    summary = {"preset": preset, "bf16_gemm_peak_gflops": peak / 1e9, "peak_threads": peak_threads,
-               "best_probe_gflops": best_peak / 1e9, "flops_per_token": fpt,
-               **{f"mfu_{r['variant']}": r["mfu_vs_bf16_peak"] for r in rows}}
-    if "bf16" in t:
-        summary["mfu_bf16_vs_best_probe"] = b * s / t["bf16"] * fpt / best_peak
-    if "bf16" in shares:
-        summary["mfu_bf16_if_only_gemms_took_time"] = summary["mfu_bf16"] / shares["bf16"]
-    for name in (v for v in ("fp8", "fp8lean") if v in mems and "bf16" in mems):
-        summary[f"{name}_saved_bytes_vs_bf16"] = mems[name] / mems["bf16"]
-        summary[f"{name}_peak_step_vs_bf16"] = peaks[name]["peak_step_mb"] / peaks["bf16"]["peak_step_mb"]
+    summary = {"preset": preset, "compute_dtype": BASE, f"{BASE}_gemm_peak_gflops": peak / 1e9,
+               "peak_threads": peak_threads, "best_probe_gflops": best_peak / 1e9, "flops_per_token": fpt,
+               **{f"mfu_{r['variant']}": r[f"mfu_vs_{BASE}_peak"] for r in rows}}
+    if BASE in t:
+        summary[f"mfu_{BASE}_vs_best_probe"] = b * s / t[BASE] * fpt / best_peak
+    if BASE in shares:
+        summary[f"mfu_{BASE}_if_only_gemms_took_time"] = summary[f"mfu_{BASE}"] / shares[BASE]
+    for name in (v for v in ("fp8", "fp8lean") if v in mems and BASE in mems):
+        summary[f"{name}_saved_bytes_vs_{BASE}"] = mems[name] / mems[BASE]
+        summary[f"{name}_peak_step_vs_{BASE}"] = peaks[name]["peak_step_mb"] / peaks[BASE]["peak_step_mb"]
+        summary[f"{name}_time_vs_{BASE}"] = t[name] / t[BASE]
     notes = [f"{preset} preset, micro-batch {b} x {s} tokens, forward + backward + AdamW step on CPU, "
-             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the bf16 GEMM rate (2048^3) at the best "
+             f"{torch.get_num_threads()} threads; MFU = model FLOP/s / the {BASE} GEMM rate (2048^3) at the best "
              f"of 1..{torch.get_num_threads()} threads ({peak_threads}; on hosts whose two vCPUs are hyperthreads "
              f"of one core, one thread is faster), that GEMM timed in alternation with the steps.",
              "saved_for_backward counts tensors autograd keeps between forward and backward (activations).",
-             "best_probe_gflops: the fastest of the run's probes; mfu_bf16_vs_best_probe divides by it (a "
+             f"best_probe_gflops: the fastest of the run's probes; mfu_{BASE}_vs_best_probe divides by it (a "
              "host under load slows the probe more than the step, which inflates the median-based MFU).",
              "gemm_share: the fraction of one step's operator self time (torch.profiler) spent in GEMM ops; MFU / "
              "gemm_share is the utilisation if all other work took no time, i.e. the ceiling for speeding up "
@@ -210,11 +216,11 @@ def main() -> None:
              "weight_forms_mb: the weights' compute-dtype casts / FP8 quantizations kept between steps "
              "(model/weight_cache.py: made once per optimizer step instead of twice per step; persistent, so not "
              "in peak_step_mb)."]
-    write_results(args.name or f"step_{preset}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
+    write_results(args.name or f"step_{preset}{class_suffix()}", f"Training step on the {preset} preset: MFU, compile, FP8, memory",
                   rows, notes, summary)
     for r in rows:
-        print(f"{r['variant']:>13}: {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu_vs_bf16_peak']:5.1f}%  "
-              f"x{r['time_vs_bf16']:.2f} vs bf16  saved {r['saved_for_backward_mb']:.0f} MB")
+        print(f"{r['variant']:>13}: {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r[f'mfu_vs_{BASE}_peak']:5.1f}%  "
+              f"x{r[f'time_vs_{BASE}']:.2f} vs {BASE}  saved {r['saved_for_backward_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

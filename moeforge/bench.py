@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import runpy
 import statistics
@@ -38,12 +39,14 @@ RESULTS_DIR = BENCH_DIR / "results"
 # The FP8 storage variants the memory and cost benchmarks compare, as config overrides:
 # BF16; FP8 as by default (V3's recipe, but for an E4M3 copy of the MLPs' SwiGLU output);
 # fp8n = with fp8.cache_norm_inputs (the residual stream at the norms and MLA's latents in
-# E4M3 too, beyond V3); fp8lean = that and fp8.recompute_swiglu_output (the copy dropped)
+# E4M3 too, beyond V3); fp8lean = that and fp8.recompute_swiglu_output (the copy dropped).
+# All in bf16 whatever the CPU: what they compare is what bf16 training saves.
+_BF16 = {"train.dtype": "bf16", "fp8.cpu_gemm_dtype": "bf16"}
 FP8_STORAGE_VARIANTS = {
-    "bf16": {"fp8.enabled": False},
-    "fp8": {"fp8.enabled": True},
-    "fp8n": {"fp8.enabled": True, "fp8.cache_norm_inputs": True},
-    "fp8lean": {"fp8.enabled": True, "fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True},
+    "bf16": {**_BF16, "fp8.enabled": False},
+    "fp8": {**_BF16, "fp8.enabled": True},
+    "fp8n": {**_BF16, "fp8.enabled": True, "fp8.cache_norm_inputs": True},
+    "fp8lean": {**_BF16, "fp8.enabled": True, "fp8.cache_norm_inputs": True, "fp8.recompute_swiglu_output": True},
 }
 
 
@@ -142,11 +145,29 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(feats) or 'no bf16 matrix instructions'})"
 
 
+def cpu_class() -> str:
+    """The CPU class results belong to: "bf16-capable" (a bf16 GEMM at least as fast as fp32:
+    AVX512-BF16, AMX) or "AVX2 class" (no fast bf16 GEMM; the compute dtype is fp32), as
+    ``moeforge.precision`` decides it; the ISA cap is named when one is set."""
+    from moeforge.precision import ISA_SWITCHES, machine_choice
+
+    name = "bf16-capable" if machine_choice("cpu").name == "bf16" else "AVX2 class"
+    cap = " ".join(f"{k}={os.environ[k]}" for k in ISA_SWITCHES if os.environ.get(k))
+    return f"{name} ({cap})" if cap else name
+
+
+def class_suffix() -> str:
+    """Result file suffix of this CPU class: "" for bf16-capable CPUs, "_avx2" otherwise, so
+    that each class keeps its own results."""
+    return "" if cpu_class().startswith("bf16") else "_avx2"
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
+        "cpu_class": cpu_class(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -170,7 +191,8 @@ def write_results(name: str, title: str, rows: list[dict], notes: list[str] | No
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
     jpath.write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
-    lines = [f"# {title}", "", f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, {env['time']}", ""]
+    lines = [f"# {title}", "", f"torch {torch.__version__}, {env['threads']} threads, {env['cpu']}, "
+             f"CPU class: {env['cpu_class']}, {env['time']}", ""]
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first seen first
         lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

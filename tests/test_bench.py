@@ -67,6 +67,22 @@ def test_results_name_the_cpu_and_its_bf16_matrix_features(tmp_path, monkeypatch
     assert "Old CPU (no bf16 matrix instructions)" in md.read_text().splitlines()[2]
 
 
+@pytest.mark.parametrize("choice, cls, suffix", [("bf16", "bf16-capable", ""), ("fp32", "AVX2 class", "_avx2")])
+def test_results_name_the_cpu_class_and_keep_one_file_per_class(tmp_path, monkeypatch, choice, cls, suffix):
+    """Results are per CPU class (the dtype auto picks there), the ISA cap named when set."""
+    from moeforge import precision
+
+    monkeypatch.setattr(precision, "machine_choice", lambda device: precision.Choice(choice, "mocked"))
+    for k in precision.ISA_SWITCHES:
+        monkeypatch.delenv(k, raising=False)
+    assert bench.cpu_class() == cls and bench.class_suffix() == suffix
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert bench.cpu_class() == f"{cls} (ONEDNN_MAX_CPU_ISA=AVX2)" and bench.class_suffix() == suffix
+    js, md = bench.write_results("demo", "Demo", [{"a": 1}], out_dir=tmp_path)
+    assert json.loads(js.read_text())["environment"]["cpu_class"] == bench.cpu_class()
+    assert f"CPU class: {cls}" in md.read_text().splitlines()[2]
+
+
 def test_cli_runs_each_benchmark_with_quick_and_reports_failures(tmp_path, monkeypatch, capsys):
     """`moeforge bench --quick` passes --quick to every script, keeps going after one fails
     (an argparse error or sys.exit(1)) and returns nonzero naming it."""

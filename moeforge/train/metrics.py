@@ -124,8 +124,8 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, 
         dt = time.perf_counter() - t
         if i or dt > 0.25:  # the first call warms up, unless the dtype is this slow (bf16 on
             best = min(best, dt)  # AVX2 takes seconds): then one call tells enough
-        if best > 0.25:
-            break
+            if dt > 0.25:
+                break
     return 2 * n ** 3 / best
 
 
