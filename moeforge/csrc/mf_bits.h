@@ -20,9 +20,12 @@ static inline uint16_t bf16_round(float f) {
 }
 
 /* exp(x) for x <= 0 (arguments are z - max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2].
- * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free. */
+ * Below -87.3 the result is flushed to 0 (softmax weights under 1e-38). Branch-free, with
+ * its selects written as bit masks: GCC keeps a loop with ?: on floats scalar for AVX2
+ * (AVX-512's mask registers hide that). */
 static inline float exp_nonpos(float x) {
-    float xc = x < -87.3f ? -87.3f : x;
+    const uint32_t under = -(uint32_t)(x < -87.3f);
+    float xc = f32_of_bits((bits_of_f32(x) & ~under) | (bits_of_f32(-87.3f) & under));
     float n = __builtin_rintf(xc * 1.44269504088896341f);
     float r = xc - n * 0.693145751953125f;
     r = r - n * 1.428606765330187e-06f;
@@ -35,6 +38,6 @@ static inline float exp_nonpos(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     float two_n = f32_of_bits((uint32_t)((int32_t)n + 127) << 23);
-    return x < -87.3f ? 0.0f : p * two_n;
+    return f32_of_bits(bits_of_f32(p * two_n) & ~under);
 }
 #endif
