@@ -153,7 +153,8 @@ def _train_section(title: str, s: dict[str, Any], keys: list[str]) -> list[Block
     blocks = [Block("h2", title)]
     summ = dict(s.get("summary") or {})
     if isinstance(summ.get("mfu"), float):
-        summ["mfu"] = f"{100 * summ['mfu']:.2f}% of the measured GEMM peak"
+        peak = summ.pop("mfu_peak_dtype", None)
+        summ["mfu"] = f"{100 * summ['mfu']:.2f}% of the measured {peak + ' ' if peak else ''}GEMM peak"
     run_dir = Path(s.get("run_dir", ""))
     last_eval = _last_eval(run_dir)
     summ.update({f"final eval {k}": v for k, v in last_eval.items()})
@@ -252,7 +253,8 @@ def build_report(root: Path, summaries: dict[str, dict[str, Any]], title: str = 
         blocks += [Block("table", rows=[["stage", "minutes"]] + times)]
     blocks += _data_section(summaries.get("data", {}))
     blocks += _train_section("Pretraining", summaries.get("pretrain", {}),
-                             ["final_loss", "eval_loss", "eval_ppl", "eval_bpb", "tokens_per_s", "mfu", "fp8"])
+                             ["final_loss", "eval_loss", "eval_ppl", "eval_bpb", "tokens_per_s", "mfu", "fp8",
+                              "train.dtype", "train.dtype_reason", "fp8.cpu_gemm_dtype"])
     blocks += _fp8_section()
     blocks += _train_section("Supervised fine-tuning", summaries.get("sft", {}), ["final_loss", "eval_loss"])
     blocks += _train_section("Reward model", summaries.get("reward", {}), ["pairs_source", "heldout_accuracy"])

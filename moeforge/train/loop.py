@@ -324,6 +324,7 @@ def train(model: nn.Module, stage: Stage, cfg: Config, run_dir: Path, resume: Pa
     summary = {"steps": step - start_step, "first_loss": history[0] if history else None,
                "last_loss": history[-1] if history else None, "tokens": tokens,
                "tokens_per_s": run["tokens"] / max(run["time"], 1e-9),
-               "mfu": utilisation(run["tokens"] / max(run["time"], 1e-9) * flops_per_token, peak)[0], **dtypes,
+               "mfu": utilisation(run["tokens"] / max(run["time"], 1e-9) * flops_per_token, peak)[0],
+               "mfu_peak_dtype": next(k for k, v in precision.DTYPES.items() if v == peak_dtype), **dtypes,
                "elapsed_s": time.perf_counter() - t_run}
     return TrainResult(run_dir=run_dir, step=step, status=status, checkpoint=last_ckpt, summary=summary)
